@@ -1,0 +1,145 @@
+"""Every Valkey key and TTL of the fleet's own state, in one place.
+
+All keys start with the settings' ``key_prefix`` (``orch:``), so they never collide with Celery's own keys
+(queue lists such as ``agents``, ``unacked``, ``_kombu.*``, ``celery-task-meta-*``) in the same database.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+RECORD_TTL_SECONDS = 30 * 24 * 3600  # finished agent records and checkpoints are kept for 30 days
+REJECTED_KEEP = 10_000  # rejected specs kept for inspection
+DAY_ARCHIVE_TTL_SECONDS = 40 * 24 * 3600  # daily summaries are kept for at least 30 days
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key builder bound to one prefix."""
+
+    prefix: str = "orch:"
+
+    def agent(self, agent_id: str) -> str:
+        """Hash: one agent's record (fields JSON-encoded)."""
+        return f"{self.prefix}agent:{agent_id}"
+
+    def checkpoint(self, agent_id: str) -> str:
+        """String: the agent's transcript, turns and usage after its last completed turn."""
+        return f"{self.prefix}checkpoint:{agent_id}"
+
+    def task_index(self, task_id: str) -> str:
+        """String: coordinator task_id -> agent_id (the idempotency key)."""
+        return f"{self.prefix}task:{task_id}"
+
+    @property
+    def agents_all(self) -> str:
+        """Sorted set: every agent id, scored by creation time."""
+        return f"{self.prefix}agents:all"
+
+    @property
+    def agents_active(self) -> str:
+        """Set: agents not yet in a final state."""
+        return f"{self.prefix}agents:active"
+
+    @property
+    def rejected(self) -> str:
+        """List: rejected specs (JSON), newest first."""
+        return f"{self.prefix}rejected"
+
+    def lease(self, agent_id: str) -> str:
+        """String: the holder (worker + fencing token) of an agent's run lease."""
+        return f"{self.prefix}lease:{agent_id}"
+
+    def fence(self, agent_id: str) -> str:
+        """Counter: the agent's latest fencing token."""
+        return f"{self.prefix}fence:{agent_id}"
+
+    @property
+    def heartbeats(self) -> str:
+        """Sorted set: running agent id scored by its last heartbeat (epoch seconds)."""
+        return f"{self.prefix}heartbeats"
+
+    def daily_used(self, day: str) -> str:
+        """Counter: tokens settled on a calendar day."""
+        return f"{self.prefix}budget:day:{day}:used"
+
+    def daily_reserved(self, day: str) -> str:
+        """Hash: reservation id -> tokens reserved on a day (leases tracked in ``reservations``)."""
+        return f"{self.prefix}budget:day:{day}:reserved"
+
+    def agent_used(self, agent_id: str) -> str:
+        """Counter: tokens settled by one agent."""
+        return f"{self.prefix}budget:agent:{agent_id}:used"
+
+    def agent_reserved(self, agent_id: str) -> str:
+        """Hash: reservation id -> tokens reserved by one agent."""
+        return f"{self.prefix}budget:agent:{agent_id}:reserved"
+
+    @property
+    def reservations(self) -> str:
+        """Sorted set: reservation id scored by lease expiry."""
+        return f"{self.prefix}budget:reservations"
+
+    def reservation(self, reservation_id: str) -> str:
+        """Hash: a reservation's amount, day and agent."""
+        return f"{self.prefix}budget:reservation:{reservation_id}"
+
+    def day_agents(self, day: str) -> str:
+        """Set: agents that used tokens on a day."""
+        return f"{self.prefix}budget:day:{day}:agents"
+
+    def day_cost(self, day: str) -> str:
+        """Counter: micro-dollars spent on a day (integer, no float drift)."""
+        return f"{self.prefix}budget:day:{day}:cost_micro"
+
+    def day_archive(self, day: str) -> str:
+        """String: the archived summary of a finished day."""
+        return f"{self.prefix}budget:archive:{day}"
+
+    @property
+    def slots(self) -> str:
+        """Sorted set: agent ids holding a concurrency slot, scored by lease expiry."""
+        return f"{self.prefix}slots"
+
+    @property
+    def waiting(self) -> str:
+        """Sorted set: agents waiting for a slot, scored by priority then age."""
+        return f"{self.prefix}waiting"
+
+    @property
+    def killswitch(self) -> str:
+        """Hash: the killswitch state (engaged, reason, at, by)."""
+        return f"{self.prefix}killswitch"
+
+    @property
+    def killswitch_audit(self) -> str:
+        """List: engage/release events (JSON), newest first."""
+        return f"{self.prefix}killswitch:audit"
+
+    @property
+    def held(self) -> str:
+        """Sorted set: agents held while the killswitch is engaged."""
+        return f"{self.prefix}held"
+
+    @property
+    def stop_channel(self) -> str:
+        """Pub/sub channel: stop messages (``*`` for the whole fleet, or an agent id)."""
+        return f"{self.prefix}stop"
+
+    def stop_request(self, agent_id: str) -> str:
+        """String: a persisted stop request for one agent (reason)."""
+        return f"{self.prefix}stop:{agent_id}"
+
+    @property
+    def outbox(self) -> str:
+        """Sorted set: callback deliveries pending, scored by next attempt time."""
+        return f"{self.prefix}outbox"
+
+    def outbox_item(self, agent_id: str) -> str:
+        """Hash: one pending callback delivery."""
+        return f"{self.prefix}outbox:{agent_id}"
+
+    @property
+    def dead_letters(self) -> str:
+        """Sorted set: callbacks given up on, for an operator."""
+        return f"{self.prefix}outbox:dead"

@@ -1,0 +1,127 @@
+"""Housekeeping run by beat on the ``ops`` queue: health sweep, callbacks, day rollup, worktree cleanup.
+
+Every job is safe to run twice at once (two beats): each stale agent is claimed by an atomic ZREM, callbacks
+by a conditional ZADD, and a day is archived with SET NX.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from datetime import datetime, timedelta
+from typing import Any, cast
+from zoneinfo import ZoneInfo
+
+from orchestrator.callbacks import Outbox, SendTask
+from orchestrator.fleet import Fleet
+from orchestrator.models import AgentResult, State, iso, utcnow
+from orchestrator.runner import wake_waiters
+
+log = logging.getLogger(__name__)
+
+
+def outbox(fleet: Fleet) -> Outbox:
+    """The callback outbox of a fleet."""
+    secret = fleet.settings.webhook_secret
+    return Outbox(fleet.r, fleet.keys, secret.get_secret_value() if secret else None)
+
+
+def queue_callback(fleet: Fleet, result: AgentResult) -> None:
+    """Put a finished agent's result in the outbox if its spec asked for a callback."""
+    rec = fleet.store.get(result.agent_id or "") if result.agent_id else None
+    callback = ((rec or {}).get("spec") or {}).get("callback")
+    if callback:
+        outbox(fleet).put(str(result.agent_id), callback, result.to_json())
+
+
+def deliver_callbacks(fleet: Fleet, send_task: SendTask) -> dict[str, Any]:
+    """Send every due callback."""
+    return outbox(fleet).deliver_due(send_task)
+
+
+def health_sweep(fleet: Fleet, now: float | None = None) -> dict[str, Any]:
+    """Recover agents whose heartbeat is older than the timeout; cost grows with stale agents only."""
+    started = time.perf_counter()
+    moment = now or time.time()
+    s = fleet.settings
+    expired = fleet.budget.expire_reservations()
+    stale = cast(list[str], fleet.r.zrangebyscore(fleet.keys.heartbeats, "-inf",
+                                                  moment - s.heartbeat_timeout_seconds, 0, 1000))
+    recovered, failed = [], []
+    for agent_id in stale:
+        if not fleet.r.zrem(fleet.keys.heartbeats, agent_id):
+            continue  # another sweeper claimed it
+        if fleet.leases.holder(agent_id) is not None:
+            fleet.r.zadd(fleet.keys.heartbeats, {agent_id: moment})  # lease still live: not dead yet
+            continue
+        if recover_agent(fleet, agent_id, "heartbeat older than the timeout: worker presumed dead"):
+            recovered.append(agent_id)
+        else:
+            failed.append(agent_id)
+    woken = wake_waiters(fleet)
+    return {"stale": len(stale), "recovered": recovered, "failed": failed, "expired_reservations": expired,
+            "woken": woken, "seconds": round(time.perf_counter() - started, 4)}
+
+
+def recover_agent(fleet: Fleet, agent_id: str, reason: str) -> bool:
+    """Fence out the old run and re-enqueue the agent from its checkpoint; False if it failed for good."""
+    rec = fleet.store.get(agent_id)
+    if rec is None or State(rec["state"]).final:
+        return False
+    fleet.leases.fence_out(agent_id)
+    fleet.budget.release_slot(agent_id)
+    recoveries = int(rec.get("recoveries") or 0) + 1
+    if recoveries > fleet.settings.max_recoveries:
+        result = AgentResult(
+            agent_id=agent_id, task_id=rec.get("task_id"), status=State.FAILED, worker=rec.get("worker"),
+            branch=rec.get("branch"), turns=int(rec.get("turns") or 0), usage=rec.get("usage") or {},
+            error=f"{reason}; gave up after {fleet.settings.max_recoveries} recoveries",
+            started_at=rec.get("started_at"), finished_at=iso(utcnow()),
+            metadata=(rec.get("spec") or {}).get("metadata") or {},
+        )
+        fleet.store.finish(agent_id, result)
+        fleet.store.add_event(agent_id, "failed", result.error or "")
+        queue_callback(fleet, result)
+        return False
+    fleet.store.update(agent_id, state=State.RECOVERING.value, recoveries=recoveries)
+    fleet.store.add_event(agent_id, "recovering", f"{reason} (recovery {recoveries})")
+    log.warning("recovering agent %s: %s", agent_id, reason)
+    fleet.enqueue(agent_id)
+    return True
+
+
+def budget_rollup(fleet: Fleet, now: float | None = None) -> dict[str, Any]:
+    """Archive yesterday's summary (in the fleet's timezone); running it twice changes nothing."""
+    moment = now or time.time()
+    tz = ZoneInfo(fleet.settings.timezone)
+    yesterday = (datetime.fromtimestamp(moment, tz).date() - timedelta(days=1)).isoformat()
+    agents = fleet.store.get_many(fleet.budget.day_agent_ids(yesterday))
+    summary = fleet.budget.summary(agents, day=yesterday)
+    archived = fleet.budget.archive_day(yesterday, summary)
+    return {"day": yesterday, "archived": archived}
+
+
+def cleanup_worktrees(fleet: Fleet, now: float | None = None) -> dict[str, Any]:
+    """Remove worktrees of agents finished longer ago than the retention period, never a leased one."""
+    moment = now or time.time()
+    retention = fleet.settings.worktree_retention_hours * 3600
+    root = fleet.workspace.root / "worktrees"
+    removed = []
+    for path in sorted(root.iterdir()) if root.exists() else []:
+        agent_id = path.name
+        rec = fleet.store.get(agent_id)
+        if fleet.leases.holder(agent_id) is not None:
+            continue
+        finished = rec.get("finished_at") if rec else None
+        if rec is not None and (not State(rec["state"]).final or rec["state"] == State.KILLED.value):
+            continue  # live, or killed and resumable: keep
+        if finished and moment - datetime.fromisoformat(finished).timestamp() < retention:
+            continue
+        repo = ((rec or {}).get("spec") or {}).get("repo")
+        if repo:
+            fleet.workspace.remove(agent_id, repo)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+        removed.append(agent_id)
+    return {"removed": removed, "disk_bytes": fleet.workspace.disk_usage()}

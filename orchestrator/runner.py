@@ -1,0 +1,293 @@
+"""One agent's run from intake to result: admission, lease, worktree, loop, gates, commit, result.
+
+Plain functions over a ``Fleet``; the Celery task in ``workers/tasks.py`` only calls ``intake`` and ``execute``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from datetime import datetime
+from typing import Any
+
+from orchestrator.agent.loop import AgentLoop, Checkpoint, LoopConfig, StopRun, StopSignal
+from orchestrator.agent.model import ModelClient
+from orchestrator.agent.tools import TOOL_DEFINITIONS, Toolbox
+from orchestrator.budget import AgentLedger
+from orchestrator.fleet import Fleet
+from orchestrator.gates import gate_feedback, run_gates
+from orchestrator.killswitch import Killswitch
+from orchestrator.models import AgentResult, AgentSpec, GateResult, Rejection, State, Usage, iso, utcnow, validate_spec
+from orchestrator.store import StaleFence
+from orchestrator.supervisor import Supervisor
+from orchestrator.workspace import WorkspaceError, Worktree, redact_text
+
+log = logging.getLogger(__name__)
+
+SYSTEM_PROMPT = """You are a software engineering agent working in a git worktree at {path}.
+Use the bash tool to run commands (each command starts in the worktree) and the str_replace_based_edit_tool to view
+and edit files; paths are relative to the worktree. Make the change the task asks for, run the project's tests,
+and when you are done reply with a short summary of what you changed. Your changes are committed for you."""
+
+
+def intake(fleet: Fleet, raw: Any, celery_task_id: str | None) -> AgentResult | str:
+    """Validate a spec and register its agent: the agent id, or a final ``rejected``/``duplicate`` result."""
+    parsed = validate_spec(raw)
+    now = iso(utcnow())
+    if isinstance(parsed, Rejection):
+        fleet.store.reject(parsed)
+        log.warning("rejected spec (task_id=%s): %s", parsed.task_id, parsed.summary())
+        metadata = raw.get("metadata") if isinstance(raw, dict) and isinstance(raw.get("metadata"), dict) else {}
+        return AgentResult(agent_id=None, task_id=parsed.task_id, status=State.REJECTED, error=parsed.summary(),
+                           started_at=now, finished_at=now, metadata=metadata)
+    agent_id, created = fleet.store.create(parsed, celery_task_id)
+    if created:
+        return agent_id
+    existing = fleet.store.get(agent_id) or {}
+    if celery_task_id and existing.get("celery_task_id") == celery_task_id:
+        return agent_id  # the same message delivered again: not a new spec; the lease decides who runs
+    return AgentResult(agent_id=agent_id, task_id=parsed.task_id, status=State.DUPLICATE,
+                       branch=existing.get("branch"), error=f"task_id {parsed.task_id!r} already has agent {agent_id}",
+                       started_at=now, finished_at=now, metadata=parsed.metadata)
+
+
+def execute(fleet: Fleet, agent_id: str, worker: str) -> AgentResult | None:
+    """Run (or resume) an agent to its result; None when this delivery must not act (held, waiting, owned)."""
+    rec = fleet.store.get(agent_id)
+    if rec is None:
+        return AgentResult(agent_id=agent_id, task_id=None, status=State.FAILED, error="unknown agent")
+    state = State(rec["state"])
+    if state.final:
+        return AgentResult.model_validate(rec["result"]) if rec.get("result") else None
+    spec = AgentSpec.model_validate(rec["spec"])
+    switch = Killswitch(fleet.r, fleet.keys)
+    if switch.engaged():
+        switch.hold(agent_id, spec.priority)
+        fleet.store.update(agent_id, state=State.HELD.value)
+        fleet.store.add_event(agent_id, "held", "killswitch engaged: held until release --resume")
+        return None
+    holder = f"{worker}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    fence = fleet.leases.acquire(agent_id, holder, fleet.settings.heartbeat_timeout_seconds)
+    if fence is None:
+        log.info("agent %s is already running elsewhere; this delivery does nothing", agent_id)
+        return None
+    try:
+        if not _admit(fleet, agent_id, spec, fence):
+            return None
+        try:
+            return AgentRun(fleet, rec, spec, worker, holder, fence).run()
+        finally:
+            fleet.budget.release_slot(agent_id)
+            wake_waiters(fleet)
+    except StaleFence:
+        log.warning("agent %s: lease lost to a newer run; this worker writes nothing more", agent_id)
+        return None
+    finally:
+        fleet.leases.release(agent_id, holder, fence)
+
+
+def _admit(fleet: Fleet, agent_id: str, spec: AgentSpec, fence: int) -> bool:
+    """Take a concurrency slot; in hard mode with none free, park the agent until one frees."""
+    budget = fleet.budget
+    if budget.acquire_slot(agent_id):
+        return True
+    if not budget.hard:
+        budget.acquire_slot(agent_id, force=True)
+        fleet.store.add_event(agent_id, "warning", "concurrency limit passed (soft mode: running anyway)")
+        log.warning("agent %s runs past the concurrency limit (soft mode)", agent_id)
+        return True
+    fleet.r.zadd(fleet.keys.waiting, {agent_id: -spec.priority * 1e10 + time.time()})
+    fleet.store.update(agent_id, fence, state=State.QUEUED.value)
+    fleet.store.add_event(agent_id, "waiting", "no free concurrency slot: waiting in the queue")
+    if budget.running() < fleet.settings.max_concurrent_agents:
+        wake_waiters(fleet)  # a slot freed meanwhile: do not lose the wake-up
+    return False
+
+
+def wake_waiters(fleet: Fleet) -> int:
+    """Enqueue waiting agents for the free slots (highest priority first); returns how many."""
+    free = fleet.settings.max_concurrent_agents - fleet.budget.running()
+    woken = 0
+    while free > 0:
+        popped = fleet.r.zpopmin(fleet.keys.waiting, 1)
+        if not popped:
+            break
+        fleet.enqueue(str(popped[0][0]))
+        woken += 1
+        free -= 1
+    return woken
+
+
+class AgentRun:
+    """State of one run in this process: the stop signal, the ledger, the model and tools in use."""
+
+    def __init__(self, fleet: Fleet, rec: dict[str, Any], spec: AgentSpec, worker: str, holder: str,
+                 fence: int) -> None:
+        self.fleet = fleet
+        self.s = fleet.settings
+        self.rec = rec
+        self.spec = spec
+        self.agent_id: str = rec["agent_id"]
+        self.worker = worker
+        self.holder = holder
+        self.fence = fence
+        self.stop = StopSignal()
+        self.model_name = spec.model or self.s.model
+        self.agent_limit = min(self.s.agent_token_limit, spec.token_limit or self.s.agent_token_limit)
+        self.warnings: list[str] = []
+        self.ledger = AgentLedger(fleet.budget, self.agent_id, self.agent_limit, self.model_name, self.warn)
+        self.model: ModelClient | None = None
+        self.toolbox: Toolbox | None = None
+        self.checkpoint: Checkpoint | None = None
+
+    # -- callbacks from the supervisor thread -----------------------------------------------------------
+    def warn(self, message: str) -> None:
+        """Record a warning in the agent's events and the log."""
+        self.warnings.append(message)
+        log.warning("agent %s: %s", self.agent_id, message)
+        self.fleet.store.add_event(self.agent_id, "warning", message)
+
+    def request_stop(self, status: State, reason: str) -> None:
+        """Stop now: cut the model call and kill the shell command in flight."""
+        if not self.stop.request(status, reason):
+            return
+        log.warning("agent %s stopping: %s (%s)", self.agent_id, status.value, reason)
+        if self.model is not None:
+            self.model.cancel()
+        if self.toolbox is not None:
+            self.toolbox.kill_running()
+
+    def beat(self) -> bool:
+        """Heartbeat: renew the lease, the slot and the open reservation; publish progress."""
+        if not self.fleet.leases.renew(self.agent_id, self.holder, self.fence, self.s.heartbeat_timeout_seconds):
+            return False
+        now = time.time()
+        cp = self.checkpoint
+        fields: dict[str, Any] = {"heartbeat_at": iso(utcnow())}
+        if cp is not None:
+            fields.update(turns=cp.turns, usage=cp.usage.model_dump(), last_tool=cp.last_tool)
+        self.fleet.store.update(self.agent_id, self.fence, **fields)
+        self.fleet.r.zadd(self.fleet.keys.heartbeats, {self.agent_id: now})
+        self.fleet.budget.acquire_slot(self.agent_id, force=True)
+        if self.ledger.open is not None:
+            self.fleet.budget.renew(self.ledger.open.id)
+        return True
+
+    # -- the run ------------------------------------------------------------------------------------------
+    def run(self) -> AgentResult:
+        """Run to a result; the work so far is committed whatever ends the run."""
+        started_at = self.rec.get("started_at") or iso(utcnow())
+        duration = min(self.s.max_task_duration_minutes, self.spec.max_duration_minutes or 10**9)
+        deadline = datetime.fromisoformat(started_at).timestamp() + duration * 60
+        self.fleet.store.update(self.agent_id, self.fence, state=State.RUNNING.value, worker=self.worker,
+                                started_at=started_at, heartbeat_at=iso(utcnow()))
+        self.fleet.r.zadd(self.fleet.keys.heartbeats, {self.agent_id: time.time()})
+        supervisor = Supervisor(
+            self.fleet.r, self.fleet.keys, self.agent_id, interval=self.s.heartbeat_interval_seconds,
+            beat=self.beat, stop=self.request_stop, deadline=deadline,
+            hard_deadline=self.fleet.budget.hard, on_warning=self.warn,
+        ).start()
+        status, error, gates, commit, wt = State.COMPLETED, None, [], None, None
+        try:
+            supervisor.check_persisted_stop()
+            wt = self.fleet.workspace.prepare(self.agent_id, self.spec.repo, self.spec.base_branch,
+                                              self.rec["branch"])
+            self.fleet.store.update(self.agent_id, self.fence, worktree=str(wt.path))
+            status, error, gates = self._drive(wt)
+        except StopRun as stop:
+            status, error = stop.status, stop.reason
+        except StaleFence:
+            raise
+        except WorkspaceError as exc:
+            status, error = State.FAILED, str(exc)
+        except Exception as exc:  # an unexpected error still ends in a result, never a lost agent
+            log.exception("agent %s failed", self.agent_id)
+            status, error = State.FAILED, redact_text(f"{type(exc).__name__}: {exc}")
+        finally:
+            self.ledger.release_open()
+            supervisor.close()
+        if wt is not None:
+            commit, push_error = self._commit_and_push(wt, status, gates)
+            error = error or push_error
+        return self._finish(status, error, gates, commit, started_at)
+
+    def _drive(self, wt: Worktree) -> tuple[State, str | None, list[GateResult]]:
+        toolbox = Toolbox(wt.path, shell_timeout=self.s.shell_timeout_seconds, output_limit=self.s.tool_output_limit)
+        self.toolbox = toolbox
+        model = ModelClient(self.fleet.anthropic_factory(), self.model_name, SYSTEM_PROMPT.format(path=wt.path),
+                            TOOL_DEFINITIONS, user_id=self.agent_id)
+        self.model = model
+        if self.stop.is_set():
+            model.cancel()
+        saved = self.fleet.store.load_checkpoint(self.agent_id)
+        cp = Checkpoint.from_json(saved) if saved else Checkpoint(messages=[{"role": "user",
+                                                                            "content": self.spec.prompt}])
+        self.checkpoint = cp
+        max_turns = self.spec.max_turns or self.s.max_turns
+        loop = AgentLoop(model, toolbox, self.ledger, self.stop,
+                         LoopConfig(max_turns=max_turns, max_tokens_per_turn=self.s.max_tokens_per_turn),
+                         on_checkpoint=self._save_checkpoint, on_progress=self._progress)
+        gates: list[GateResult] = []
+        for attempt in range(1, self.spec.max_gate_attempts + 1):
+            cp = loop.run(cp)
+            if not self.spec.quality_gates:
+                return State.COMPLETED, None, gates
+            round_results = run_gates(self.spec.quality_gates, wt.path, attempt, self.stop)
+            gates.extend(round_results)
+            self.fleet.store.update(self.agent_id, self.fence, gates=[g.model_dump() for g in gates])
+            if all(g.passed for g in round_results):
+                return State.COMPLETED, None, gates
+            if attempt < self.spec.max_gate_attempts:
+                self._commit(wt, f"round {attempt}")
+                cp.messages.append({"role": "user", "content": gate_feedback(round_results)})
+                cp.stop_reason = None
+                self._save_checkpoint(cp)
+        failed = ", ".join(g.name for g in gates[-len(self.spec.quality_gates):] if not g.passed)
+        return State.GATES_FAILED, f"quality gates failed after {self.spec.max_gate_attempts} attempt(s): {failed}", gates
+
+    def _save_checkpoint(self, cp: Checkpoint) -> None:
+        self.checkpoint = cp
+        self.fleet.store.save_checkpoint(self.agent_id, cp.to_json(), self.fence)
+        self.fleet.store.update(self.agent_id, self.fence, turns=cp.turns, usage=cp.usage.model_dump())
+
+    def _progress(self, cp: Checkpoint) -> None:
+        self.checkpoint = cp
+        self.fleet.store.update(self.agent_id, self.fence, turns=cp.turns, usage=cp.usage.model_dump(),
+                                last_tool=cp.last_tool, heartbeat_at=iso(utcnow()))
+
+    def _commit(self, wt: Worktree, note: str) -> str | None:
+        self.fleet.leases.renew(self.agent_id, self.holder, self.fence, self.s.heartbeat_timeout_seconds)
+        if self.fleet.r.get(self.fleet.keys.fence(self.agent_id)) != str(self.fence):
+            raise StaleFence(f"agent {self.agent_id}: not committing, a newer run owns it")
+        message = f"{self.spec.task_id}: agent {self.agent_id} ({note})\n\n{self.spec.prompt[:500]}"
+        return self.fleet.workspace.commit(wt, message, f"agent-{self.agent_id}",
+                                           f"{self.agent_id}@agents.orchestrator", self.spec.base_branch)
+
+    def _commit_and_push(self, wt: Worktree, status: State,
+                         gates: list[GateResult]) -> tuple[str | None, str | None]:
+        try:
+            commit = self._commit(wt, status.value)
+        except WorkspaceError as exc:
+            return None, f"commit failed: {exc}"
+        if self.spec.push and status == State.COMPLETED and commit is not None:
+            try:
+                self.fleet.workspace.push(wt)
+            except WorkspaceError as exc:
+                return commit, f"push failed (the commit stays local): {exc}"
+        return commit, None
+
+    def _finish(self, status: State, error: str | None, gates: list[GateResult], commit: str | None,
+                started_at: str) -> AgentResult:
+        cp = self.checkpoint
+        result = AgentResult(
+            agent_id=self.agent_id, task_id=self.spec.task_id, status=status, worker=self.worker,
+            branch=self.rec["branch"], commit=commit, turns=cp.turns if cp else 0,
+            usage=cp.usage if cp else Usage(), gates=gates, error=error, started_at=started_at,
+            finished_at=iso(utcnow()), metadata=self.spec.metadata, stop_reason=cp.stop_reason if cp else None,
+            warnings=self.warnings,
+        )
+        self.fleet.store.finish(self.agent_id, result, self.fence)
+        log.info("agent %s finished: %s", self.agent_id, status.value)
+        return result
