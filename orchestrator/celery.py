@@ -10,7 +10,7 @@ from typing import Any
 
 from celery import Celery
 from celery.app.control import Control
-from kombu import Exchange, Queue
+from kombu.entity import Exchange, Queue
 
 from beat_schedule import build_schedule
 from orchestrator.settings import get_settings

@@ -67,7 +67,7 @@ def _agents_table(records: Sequence[dict[str, Any]]) -> Table:
 def cmd_agents(args: argparse.Namespace) -> int:
     """List agents (live ones, or all with ``--all``)."""
     fleet = _fleet()
-    records = [public_record(r) for r in fleet.store.list(include_finished=args.all)]
+    records = [public_record(r) for r in fleet.store.list_agents(include_finished=args.all)]
     if args.json:
         _print_json(records)
         return 0
@@ -75,7 +75,7 @@ def cmd_agents(args: argparse.Namespace) -> int:
         with Live(_agents_table(records), console=console, refresh_per_second=2) as live:
             while True:
                 time.sleep(args.watch)
-                live.update(_agents_table([public_record(r) for r in fleet.store.list(include_finished=args.all)]))
+                live.update(_agents_table([public_record(r) for r in fleet.store.list_agents(include_finished=args.all)]))
     console.print(_agents_table(records))
     return 0
 
@@ -116,7 +116,7 @@ def cmd_rejected(args: argparse.Namespace) -> int:
 def cmd_budget(args: argparse.Namespace) -> int:
     """The usage summary of today."""
     fleet = _fleet()
-    ids = set(fleet.budget.day_agent_ids()) | {r["agent_id"] for r in fleet.store.list()}
+    ids = set(fleet.budget.day_agent_ids()) | {r["agent_id"] for r in fleet.store.list_agents()}
     summary = fleet.budget.summary(fleet.store.get_many(sorted(ids)))
     if args.json:
         _print_json(summary)
@@ -183,7 +183,8 @@ def cmd_killswitch(args: argparse.Namespace) -> int:
         _print_json(status)
     else:
         state = "[bold red]ENGAGED[/]" if status["engaged"] else "[green]released[/]"
-        console.print(f"killswitch {state} reason={status['reason']} since={status['engaged_at']} held={status['held']}")
+        console.print(f"killswitch {state} reason={status['reason']} since={status['engaged_at']} "
+                      f"held={status['held']}")
     return 0
 
 
@@ -220,7 +221,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0 if result.get("status") == State.COMPLETED.value else 3
 
 
-def follow(fleet: Fleet, task_id: str, async_result: Any, quiet: bool = False, timeout: float = 3600) -> dict[str, Any]:
+def follow(fleet: Fleet, task_id: str, async_result: Any, quiet: bool = False,
+           timeout: float = 3600) -> dict[str, Any]:
     """Show an agent's turns, tokens and tool calls live until its result arrives."""
     deadline = time.monotonic() + timeout
     last = None

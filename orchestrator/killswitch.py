@@ -21,7 +21,8 @@ AUDIT_KEEP = 1000
 
 _ENGAGE = """
 if redis.call('HGET', KEYS[1], 'engaged') == '1' then return 0 end
-redis.call('HSET', KEYS[1], 'engaged', '1', 'reason', ARGV[1], 'engaged_at', ARGV[2], 'by', ARGV[3], 'engaged_ts', ARGV[4])
+redis.call('HSET', KEYS[1], 'engaged', '1', 'reason', ARGV[1], 'engaged_at', ARGV[2],
+           'by', ARGV[3], 'engaged_ts', ARGV[4])
 return 1
 """
 

@@ -52,7 +52,8 @@ def price_for(model: str) -> tuple[Price, bool]:
     """The price of a model and whether it is known; dated ids (``-20251001``) match their family."""
     if model in PRICES:
         return PRICES[model], True
-    base = model.rsplit("-", 1)[0] if model.rsplit("-", 1)[-1].isdigit() and len(model.rsplit("-", 1)[-1]) == 8 else model
+    head, _, tail = model.rpartition("-")
+    base = head if tail.isdigit() and len(tail) == 8 else model
     if base in PRICES:
         return PRICES[base], True
     return FALLBACK, False

@@ -39,7 +39,8 @@ def intake(fleet: Fleet, raw: Any, celery_task_id: str | None) -> AgentResult | 
     if isinstance(parsed, Rejection):
         fleet.store.reject(parsed)
         log.warning("rejected spec (task_id=%s): %s", parsed.task_id, parsed.summary())
-        metadata = raw.get("metadata") if isinstance(raw, dict) and isinstance(raw.get("metadata"), dict) else {}
+        meta = raw.get("metadata") if isinstance(raw, dict) else None
+        metadata: dict[str, Any] = meta if isinstance(meta, dict) else {}
         return AgentResult(agent_id=None, task_id=parsed.task_id, status=State.REJECTED, error=parsed.summary(),
                            started_at=now, finished_at=now, metadata=metadata)
     agent_id, created = fleet.store.create(parsed, celery_task_id)
@@ -178,7 +179,7 @@ class AgentRun:
     # -- the run ------------------------------------------------------------------------------------------
     def run(self) -> AgentResult:
         """Run to a result; the work so far is committed whatever ends the run."""
-        started_at = self.rec.get("started_at") or iso(utcnow())
+        started_at: str = self.rec.get("started_at") or iso(utcnow()) or ""
         duration = min(self.s.max_task_duration_minutes, self.spec.max_duration_minutes or 10**9)
         deadline = datetime.fromisoformat(started_at).timestamp() + duration * 60
         self.fleet.store.update(self.agent_id, self.fence, state=State.RUNNING.value, worker=self.worker,
@@ -189,7 +190,8 @@ class AgentRun:
             beat=self.beat, stop=self.request_stop, deadline=deadline,
             hard_deadline=self.fleet.budget.hard, on_warning=self.warn,
         ).start()
-        status, error, gates, commit, wt = State.COMPLETED, None, [], None, None
+        status, error, commit, wt = State.COMPLETED, None, None, None
+        gates: list[GateResult] = []
         try:
             supervisor.check_persisted_stop()
             wt = self.fleet.workspace.prepare(self.agent_id, self.spec.repo, self.spec.base_branch,
@@ -245,7 +247,8 @@ class AgentRun:
                 cp.stop_reason = None
                 self._save_checkpoint(cp)
         failed = ", ".join(g.name for g in gates[-len(self.spec.quality_gates):] if not g.passed)
-        return State.GATES_FAILED, f"quality gates failed after {self.spec.max_gate_attempts} attempt(s): {failed}", gates
+        error = f"quality gates failed after {self.spec.max_gate_attempts} attempt(s): {failed}"
+        return State.GATES_FAILED, error, gates
 
     def _save_checkpoint(self, cp: Checkpoint) -> None:
         self.checkpoint = cp

@@ -101,7 +101,7 @@ class AgentStore:
         value = self.r.get(self.keys.task_index(task_id))
         return str(value) if value else None
 
-    def list(self, include_finished: bool = False, limit: int = 1000) -> list[dict[str, Any]]:
+    def list_agents(self, include_finished: bool = False, limit: int = 1000) -> list[dict[str, Any]]:
         """Live agents (or every agent, newest first) as records."""
         if include_finished:
             ids = cast(list[str], self.r.zrevrange(self.keys.agents_all, 0, limit - 1))

@@ -7,6 +7,7 @@ at once; the persisted stop state is checked on every beat, so a missed message 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -44,7 +45,7 @@ class Supervisor:
 
     def start(self) -> Supervisor:
         """Start both threads; the pub/sub subscription is live when this returns."""
-        self._pubsub = self.r.pubsub(ignore_subscribe_messages=True)
+        self._pubsub = self.r.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
         self._pubsub.subscribe(self.keys.stop_channel)
         for target, name in ((self._beat_loop, "heartbeat"), (self._listen_loop, "stop-listener")):
             t = threading.Thread(target=target, name=f"{name}-{self.agent_id}", daemon=True)
@@ -58,10 +59,8 @@ class Supervisor:
         for t in self._threads:
             t.join(timeout=5)
         if self._pubsub is not None:
-            try:
+            with contextlib.suppress(redis.RedisError):
                 self._pubsub.close()
-            except redis.RedisError:
-                pass
 
     def check_persisted_stop(self) -> None:
         """Act on a stop that lives in Valkey (killswitch engaged, or a kill for this agent)."""
@@ -70,7 +69,7 @@ class Supervisor:
         pipe.get(self.keys.stop_request(self.agent_id))
         engaged, own = pipe.execute()
         if engaged == "1":
-            reason = self.r.hget(self.keys.killswitch, "reason") or "killswitch engaged"
+            reason = str(self.r.hget(self.keys.killswitch, "reason") or "killswitch engaged")
             self.stop(State.KILLED, f"killswitch: {reason}")
         elif own:
             self.stop(State.KILLED, f"killed: {own}")
@@ -105,7 +104,7 @@ class Supervisor:
                 log.warning("stop listener for %s: %s; resubscribing", self.agent_id, exc)
                 self._done.wait(0.5)
                 try:
-                    self._pubsub = self.r.pubsub(ignore_subscribe_messages=True)
+                    self._pubsub = self.r.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
                     self._pubsub.subscribe(self.keys.stop_channel)
                     self.check_persisted_stop()
                 except redis.RedisError:

@@ -109,7 +109,8 @@ class Cluster:
         proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], env=self.env(**settings),
                               capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
         if check and proc.returncode != 0:
-            raise AssertionError(f"orchestrator {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+            raise AssertionError(
+                f"orchestrator {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
         return proc
 
     def cli_json(self, *args: str, **settings: Any) -> Any:

@@ -15,10 +15,10 @@ from orchestrator.agent.loop import AgentLoop, Checkpoint, LoopConfig, StopRun, 
 from orchestrator.agent.model import ModelClient
 from orchestrator.agent.tools import TOOL_DEFINITIONS, Toolbox
 from orchestrator.budget import AgentLedger, Budget
+from orchestrator.keys import Keys
 from orchestrator.models import State
 from orchestrator.settings import Settings
 from orchestrator.store import AgentStore
-from orchestrator.keys import Keys
 from orchestrator.testing.offline_model import OfflineModel, Script, Turn, bash, text_turn
 
 

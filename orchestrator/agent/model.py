@@ -6,6 +6,7 @@ whether a failed call was cut on purpose (kill, killswitch) and whether the budg
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -127,7 +128,6 @@ class ModelClient:
             self._cancelled = True
             stream = self._stream
         if stream is not None:
-            try:
+            # Closing a half-read response from another thread may raise; the reader stops anyway.
+            with contextlib.suppress(Exception):
                 stream.close()
-            except Exception:  # closing a half-read response from another thread may raise; the reader stops anyway
-                pass

@@ -6,6 +6,7 @@ left running.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -82,15 +83,11 @@ class Proc:
         """SIGTERM the group, then SIGKILL it after ``timeout``; always leaves nothing running."""
         if self.alive():
             self.signal(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
         self.signal(signal.SIGKILL)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
         self._log.close()
 
 
@@ -108,7 +105,10 @@ class Valkey(Proc):
         self.password = password
         argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
                 "--maxmemory-policy", "noeviction", "--daemonize", "no"]
-        argv += ["--appendonly", "yes", "--appendfsync", "always"] if persistence else ["--save", "", "--appendonly", "no"]
+        if persistence:
+            argv += ["--appendonly", "yes", "--appendfsync", "always"]
+        else:
+            argv += ["--save", "", "--appendonly", "no"]
         if password:
             argv += ["--requirepass", password]
         super().__init__(argv, log_path=self.data_dir / "valkey.log")
