@@ -28,7 +28,8 @@ from orchestrator.settings import Settings
 MIN_CALL_OUTPUT_TOKENS = 16  # a call that cannot get this many output tokens is not worth making
 DAY_KEY_TTL_SECONDS = 3 * 24 * 3600
 
-# KEYS: day_used, day_reserved, agent_used, agent_reserved, reservations, reservation, day_agents
+# KEYS: day_used, day_reserved, agent_used, agent_reserved, reservations, reservation, day_agents,
+#       day_exhausted, agent_exhausted (set when a call is refused: "too little left for another call")
 # ARGV: res_id, input_bound, max_output, min_output, day_limit, agent_limit, hard, lease_until, agent, day, ttl
 _RESERVE = """
 local day_used = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -37,10 +38,20 @@ local ag_used = tonumber(redis.call('GET', KEYS[3]) or '0')
 local ag_res = tonumber(redis.call('GET', KEYS[4]) or '0')
 local input_bound = tonumber(ARGV[2])
 local max_out = tonumber(ARGV[3])
-local headroom = math.min(tonumber(ARGV[5]) - day_used - day_res, tonumber(ARGV[6]) - ag_used - ag_res)
+local day_room = tonumber(ARGV[5]) - day_used - day_res
+local agent_room = tonumber(ARGV[6]) - ag_used - ag_res
+local headroom = math.min(day_room, agent_room)
 local out = max_out
 if ARGV[7] == '1' then
-  if headroom < input_bound + tonumber(ARGV[4]) then return {0, 0, headroom} end
+  if headroom < input_bound + tonumber(ARGV[4]) then
+    if day_used + input_bound + tonumber(ARGV[4]) > tonumber(ARGV[5]) then
+      redis.call('SET', KEYS[8], '1', 'EX', tonumber(ARGV[11]))
+    end
+    if ag_used + input_bound + tonumber(ARGV[4]) > tonumber(ARGV[6]) then
+      redis.call('SET', KEYS[9], '1')
+    end
+    return {0, 0, headroom}
+  end
   out = math.min(max_out, headroom - input_bound)
 end
 local amount = input_bound + out
@@ -102,11 +113,14 @@ class TokenReservation:
     amount: int
 
 
-def status_for(used: int, limit: int, warning_percent: int, min_left: int = 0) -> str:
-    """``within_budget`` / ``approaching_limit`` / ``at_limit`` / ``exceeded`` for a usage against a limit."""
+def status_for(used: int, limit: int, warning_percent: int, min_left: int = 0, exhausted: bool = False) -> str:
+    """``within_budget`` / ``approaching_limit`` / ``at_limit`` / ``exceeded`` for a usage against a limit.
+
+    ``exhausted`` means a call was refused because too little was left for it: that is ``at_limit`` too.
+    """
     if used > limit:
         return "exceeded"
-    if used >= limit or limit - used < min_left:
+    if used >= limit or limit - used < min_left or exhausted:
         return "at_limit"
     if used * 100 >= warning_percent * limit:
         return "approaching_limit"
@@ -148,7 +162,8 @@ class Budget:
         k = self.keys
         ok, out, _headroom = cast(list[int], self._reserve(
             keys=[k.daily_used(day), k.daily_reserved(day), k.agent_used(agent_id), k.agent_reserved(agent_id),
-                  k.reservations, k.reservation(res_id), k.day_agents(day)],
+                  k.reservations, k.reservation(res_id), k.day_agents(day), k.day_exhausted(day),
+                  k.agent_exhausted(agent_id)],
             args=[res_id, input_bound, max_output, MIN_CALL_OUTPUT_TOKENS, self.s.daily_token_limit, agent_limit,
                   "1" if self.hard else "0", self.clock() + self.s.reservation_lease_seconds, agent_id, day,
                   DAY_KEY_TTL_SECONDS],
@@ -185,9 +200,10 @@ class Budget:
     def day_totals(self, day: str | None = None) -> dict[str, int]:
         """Used, reserved and cost (micro-dollars) of a day."""
         d = day or self.day()
-        used, reserved, cost = cast(list[str | None], self.r.mget(
-            self.keys.daily_used(d), self.keys.daily_reserved(d), self.keys.day_cost(d)))
-        return {"used": int(used or 0), "reserved": int(reserved or 0), "cost_micro": int(cost or 0)}
+        used, reserved, cost, exhausted = cast(list[str | None], self.r.mget(
+            self.keys.daily_used(d), self.keys.daily_reserved(d), self.keys.day_cost(d), self.keys.day_exhausted(d)))
+        return {"used": int(used or 0), "reserved": int(reserved or 0), "cost_micro": int(cost or 0),
+                "exhausted": int(exhausted or 0)}
 
     # -- concurrency slots ----------------------------------------------------------------------------
     def acquire_slot(self, agent_id: str, force: bool = False) -> bool:
@@ -221,17 +237,19 @@ class Budget:
             spec = rec.get("spec") or {}
             limit = min(self.s.agent_token_limit, spec.get("token_limit") or self.s.agent_token_limit)
             used = self.agent_used(agent_id)
+            exhausted = bool(self.r.exists(self.keys.agent_exhausted(agent_id)))
             rows.append({
                 "agent_id": agent_id, "task_id": rec.get("task_id"), "used": used, "limit": limit,
                 "percent": percent(used, limit),
-                "status": status_for(used, limit, warn, MIN_CALL_OUTPUT_TOKENS),
+                "status": status_for(used, limit, warn, MIN_CALL_OUTPUT_TOKENS, exhausted),
             })
         return {
             "date": d, "timezone": self.s.timezone, "enforcement": self.s.budget_enforcement,
             "cost_usd": totals["cost_micro"] / 1_000_000,
             "daily": {"limit": daily_limit, "used": totals["used"], "reserved": totals["reserved"],
                       "percent": percent(totals["used"], daily_limit),
-                      "status": status_for(totals["used"], daily_limit, warn, MIN_CALL_OUTPUT_TOKENS)},
+                      "status": status_for(totals["used"], daily_limit, warn, MIN_CALL_OUTPUT_TOKENS,
+                                           bool(totals["exhausted"]))},
             "concurrency": {"limit": conc_limit, "running": running, "percent": percent(running, conc_limit),
                             "status": status_for(running, conc_limit, warn)},
             "agents": rows,

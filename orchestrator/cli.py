@@ -75,7 +75,8 @@ def cmd_agents(args: argparse.Namespace) -> int:
         with Live(_agents_table(records), console=console, refresh_per_second=2) as live:
             while True:
                 time.sleep(args.watch)
-                live.update(_agents_table([public_record(r) for r in fleet.store.list_agents(include_finished=args.all)]))
+                fresh = fleet.store.list_agents(include_finished=args.all)
+                live.update(_agents_table([public_record(r) for r in fresh]))
     console.print(_agents_table(records))
     return 0
 

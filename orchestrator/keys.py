@@ -84,6 +84,14 @@ class Keys:
         """Hash: a reservation's amount, day and agent."""
         return f"{self.prefix}budget:reservation:{reservation_id}"
 
+    def day_exhausted(self, day: str) -> str:
+        """Flag: a call was refused on this day because the daily limit had too little left."""
+        return f"{self.prefix}budget:day:{day}:exhausted"
+
+    def agent_exhausted(self, agent_id: str) -> str:
+        """Flag: a call of this agent was refused because its own limit had too little left."""
+        return f"{self.prefix}budget:agent:{agent_id}:exhausted"
+
     def day_agents(self, day: str) -> str:
         """Set: agents that used tokens on a day."""
         return f"{self.prefix}budget:day:{day}:agents"

@@ -75,7 +75,8 @@ def recover_agent(fleet: Fleet, agent_id: str, reason: str) -> bool:
     if recoveries > fleet.settings.max_recoveries:
         result = AgentResult(
             agent_id=agent_id, task_id=rec.get("task_id"), status=State.FAILED, worker=rec.get("worker"),
-            branch=rec.get("branch"), turns=int(rec.get("turns") or 0), usage=Usage.model_validate(rec.get("usage") or {}),
+            branch=rec.get("branch"), turns=int(rec.get("turns") or 0),
+            usage=Usage.model_validate(rec.get("usage") or {}),
             error=f"{reason}; gave up after {fleet.settings.max_recoveries} recoveries",
             started_at=rec.get("started_at"), finished_at=iso(utcnow()),
             metadata=(rec.get("spec") or {}).get("metadata") or {},

@@ -91,8 +91,10 @@ class Cluster:
         env.update(self.extra_env)
         return env
 
-    def worker(self, name: str = "w1", concurrency: int = 2, wait: bool = True, **settings: Any) -> Worker:
-        w = Worker(self.env(**settings), f"{name}@%h", concurrency=concurrency, log_path=self.tmp / f"{name}.log")
+    def worker(self, name: str = "w1", concurrency: int = 2, wait: bool = True, queues: str = "agents,ops",
+               **settings: Any) -> Worker:
+        w = Worker(self.env(**settings), f"{name}@%h", concurrency=concurrency, queues=queues,
+                   log_path=self.tmp / f"{name}.log")
         self.procs.append(w)
         return w.wait_ready() if wait else w
 

@@ -56,7 +56,7 @@ def test_settle_is_idempotent_and_release_frees() -> None:
     assert b.settle(res.id, usage(250), 10) is False
     assert b.release(res.id) is False
     totals = b.day_totals()
-    assert totals == {"used": 250, "reserved": 0, "cost_micro": 10}
+    assert totals == {"used": 250, "reserved": 0, "cost_micro": 10, "exhausted": 0}
 
 
 def test_expired_reservation_lease_is_released() -> None:
