@@ -135,3 +135,15 @@ def test_stop_kills_a_running_shell_command(harness: Harness, offline: OfflineMo
         loop.run(fresh("[[script:sleepy]] go"))
     assert time.monotonic() - started < 3
     assert len(offline.calls()) == 1  # the model was not asked again after the stop
+
+
+def test_stop_cuts_a_call_before_any_response_header(harness: Harness, offline: OfflineModel) -> None:
+    offline.latency = 30.0  # the server says nothing at all for 30 s
+    loop = harness.loop()
+    threading.Timer(0.5, lambda: (harness.stop.request(State.KILLED, "test"), harness.model.cancel())).start()
+    started = time.monotonic()
+    with pytest.raises(StopRun) as stop:
+        loop.run(fresh("go"))
+    assert stop.value.status == State.KILLED
+    assert time.monotonic() - started < 3
+    assert harness.budget.day_totals()["reserved"] == 0

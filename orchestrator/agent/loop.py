@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from orchestrator.agent.model import ModelCallError, ModelClient
+from orchestrator.agent.model import CallInterrupted, ModelCallError, ModelClient
 from orchestrator.agent.tools import Toolbox
 from orchestrator.models import State, Usage
 
@@ -163,22 +163,35 @@ class AgentLoop:
         added = cp.messages[cp.last_call_messages:]
         return cp.last_call_tokens + sum(_bytes(m) for m in added) + INPUT_MARGIN_TOKENS
 
+    def _stopped_or_failed(self, err: ModelCallError, attempt: int) -> None:
+        """Raise the right StopRun for a failed call unless it may be retried."""
+        if self.stop.is_set() or isinstance(err.cause, StopRun | CallInterrupted):
+            self.stop.check()
+            raise StopRun(State.KILLED, "stopped") from None
+        if not err.retryable or attempt > self.config.retries:
+            raise StopRun(State.FAILED, f"model call failed: {err}") from None
+
     def _turn(self, cp: Checkpoint) -> str | None:
         attempt = 0
         while True:
             self.stop.check()
-            reservation = self.ledger.reserve(self.input_bound(cp), self.config.max_tokens_per_turn)
+            try:
+                input_bound = self.input_bound(cp)
+            except ModelCallError as err:
+                attempt += 1
+                self._stopped_or_failed(err, attempt)
+                self.stop.wait(self.config.retry_backoff_seconds * 2 ** (attempt - 1))
+                continue
+            reservation = self.ledger.reserve(input_bound, self.config.max_tokens_per_turn)
             try:
                 reply = self.model.call(cp.messages, reservation.max_tokens, on_event=self.stop.check)
-            except ModelCallError as err:
-                self.ledger.settle(reservation, err.usage)
-                cp.usage = cp.usage.add(err.usage)
-                if self.stop.is_set() or isinstance(err.cause, StopRun):
-                    self.stop.check()
-                    raise StopRun(State.KILLED, "stopped") from None
+            except (ModelCallError, CallInterrupted) as exc:
+                # The interrupt can land outside the SDK's own handling: a stop, nothing billed.
+                failure = exc if isinstance(exc, ModelCallError) else ModelCallError(exc)
+                self.ledger.settle(reservation, failure.usage)
+                cp.usage = cp.usage.add(failure.usage)
                 attempt += 1
-                if not err.retryable or attempt > self.config.retries:
-                    raise StopRun(State.FAILED, f"model call failed: {err}") from None
+                self._stopped_or_failed(failure, attempt)
                 self.stop.wait(self.config.retry_backoff_seconds * 2 ** (attempt - 1))
                 continue
             self.ledger.settle(reservation, reply.usage)

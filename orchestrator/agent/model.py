@@ -7,8 +7,9 @@ whether a failed call was cut on purpose (kill, killswitch) and whether the budg
 from __future__ import annotations
 
 import contextlib
+import signal
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +64,30 @@ def block_to_param(block: Any) -> dict[str, Any]:
 
 RETRYABLE = (anthropic.APIConnectionError, anthropic.RateLimitError, anthropic.InternalServerError)
 
+# Cutting a call before the response headers arrive: there is no stream to close yet, and a silent server keeps
+# the reader blocked. A signal to the calling thread interrupts the blocked read at once (PEP 475); the handler
+# raises only while that thread is inside a call that was cancelled, so a late signal is harmless.
+INTERRUPT_SIGNAL = signal.SIGUSR2
+_armed: dict[int, bool] = {}
+
+
+class CallInterrupted(Exception):
+    """Raised in the calling thread by the interrupt signal: the call was cut on purpose."""
+
+
+def _on_interrupt(signum: int, frame: Any) -> None:
+    if _armed.get(threading.get_ident()):
+        _armed[threading.get_ident()] = False
+        raise CallInterrupted("model call cut by a stop request")
+
+
+def _install_interrupt_handler() -> bool:
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    if signal.getsignal(INTERRUPT_SIGNAL) is not _on_interrupt:
+        signal.signal(INTERRUPT_SIGNAL, _on_interrupt)
+    return True
+
 
 class ModelClient:
     """Streams one call at a time; ``cancel()`` from another thread cuts the call in flight."""
@@ -77,12 +102,35 @@ class ModelClient:
         self._lock = threading.Lock()
         self._stream: Any = None
         self._cancelled = False
+        self._caller: int | None = None  # thread inside call(), when it can be interrupted by a signal
+
+    @contextlib.contextmanager
+    def _interruptible(self) -> Iterator[None]:
+        """Mark this thread as inside a request that ``cancel()`` may interrupt with a signal."""
+        with self._lock:
+            if self._cancelled:
+                raise CallInterrupted("model client was cancelled")
+            if _install_interrupt_handler():
+                self._caller = threading.get_ident()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._stream = None
+                if self._caller is not None:
+                    _armed.pop(self._caller, None)
+                self._caller = None
 
     def count_tokens(self, messages: Sequence[dict[str, Any]]) -> int:
         """Exact input tokens of a request (the API's count_tokens endpoint; free)."""
-        result = self.client.messages.count_tokens(
-            model=self.model, system=self.system, messages=list(messages), tools=self.tools  # type: ignore[arg-type]
-        )
+        try:
+            with self._interruptible():
+                result = self.client.messages.count_tokens(
+                    model=self.model, system=self.system, messages=list(messages),  # type: ignore[arg-type]
+                    tools=self.tools,  # type: ignore[arg-type]
+                )
+        except Exception as exc:
+            raise ModelCallError(exc, Usage(), isinstance(exc, RETRYABLE)) from exc
         return int(result.input_tokens)
 
     def call(self, messages: Sequence[dict[str, Any]], max_tokens: int,
@@ -90,7 +138,7 @@ class ModelClient:
         """Stream one response; raises ModelCallError carrying the usage billed so far."""
         seen = {"input": 0, "output": 0, "cw": 0, "cr": 0}
         try:
-            with self.client.messages.stream(
+            with self._interruptible(), self.client.messages.stream(
                 model=self.model, max_tokens=max_tokens, system=self.system,
                 messages=list(messages), tools=self.tools,  # type: ignore[arg-type]
                 metadata={"user_id": self.user_id},
@@ -114,9 +162,6 @@ class ModelClient:
         except Exception as exc:
             usage = make_usage(self.model, seen["input"], seen["output"], seen["cw"], seen["cr"])
             raise ModelCallError(exc, usage, isinstance(exc, RETRYABLE)) from exc
-        finally:
-            with self._lock:
-                self._stream = None
         u = final.usage
         usage = make_usage(self.model, u.input_tokens, u.output_tokens,
                            u.cache_creation_input_tokens or 0, u.cache_read_input_tokens or 0)
@@ -127,6 +172,10 @@ class ModelClient:
         with self._lock:
             self._cancelled = True
             stream = self._stream
+            caller = self._caller
+            if caller is not None and caller != threading.get_ident():
+                _armed[caller] = True
+                signal.pthread_kill(caller, INTERRUPT_SIGNAL)
         if stream is not None:
             # Closing a half-read response from another thread may raise; the reader stops anyway.
             with contextlib.suppress(Exception):
