@@ -141,7 +141,12 @@ def cmd_kill(args: argparse.Namespace) -> int:
     if fleet.store.get(args.agent_id) is None:
         err.print(f"no agent {args.agent_id!r}")
         return 1
+    rec = fleet.store.get(args.agent_id) or {}
     Killswitch(fleet.r, fleet.keys).kill_agent(args.agent_id, args.reason)
+    if rec.get("state") == State.HELD.value:  # held agents have no message in flight: finish them here
+        from orchestrator.runner import finish_unstarted
+
+        finish_unstarted(fleet, rec, State.KILLED, f"killed while held: {args.reason}")
     console.print(f"kill requested for agent {args.agent_id}")
     return 0
 

@@ -120,6 +120,11 @@ class Keys:
         return f"{self.prefix}killswitch"
 
     @property
+    def killswitch_stops(self) -> str:
+        """Sorted set: agents stopped by the current engagement, scored by seconds from engage to stopped."""
+        return f"{self.prefix}killswitch:stops"
+
+    @property
     def killswitch_audit(self) -> str:
         """List: engage/release events (JSON), newest first."""
         return f"{self.prefix}killswitch:audit"

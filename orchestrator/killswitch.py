@@ -46,6 +46,8 @@ class Killswitch:
         """
         now = iso(utcnow())
         first = bool(self._engage(keys=[self.keys.killswitch], args=[reason, now or "", by, time.time()]))
+        if first:
+            self.r.delete(self.keys.killswitch_stops)
         self.publish_stop("*", f"killswitch: {reason}")
         if first:
             self._audit({"event": "engage", "reason": reason, "by": by, "at": now, "running": running})
@@ -60,18 +62,23 @@ class Killswitch:
                 if self.r.zrem(self.keys.held, agent_id):
                     enqueue(agent_id)
                     resumed += 1
-        self._audit({"event": "release", "by": by, "at": iso(utcnow()), "resumed": resumed})
+        stats = self.status()
+        self._audit({"event": "release", "by": by, "at": iso(utcnow()), "resumed": resumed,
+                     "stopped": stats["stopped"], "slowest_stop_seconds": stats["slowest_stop_seconds"]})
         return {**self.status(), "resumed": resumed}
 
     def status(self) -> dict[str, Any]:
         """``killswitch status --json`` (CONTRACT section 4)."""
         state = cast(dict[str, str], self.r.hgetall(self.keys.killswitch))
         engaged = state.get("engaged") == "1"
+        stops = cast(list[tuple[str, float]], self.r.zrange(self.keys.killswitch_stops, 0, -1, withscores=True))
         return {
             "engaged": engaged,
             "reason": state.get("reason") if engaged else None,
             "engaged_at": state.get("engaged_at") if engaged else None,
             "held": int(self.r.zcard(self.keys.held)),
+            "stopped": len(stops),
+            "slowest_stop_seconds": round(max((s for _, s in stops), default=0.0), 3),
         }
 
     def hold(self, agent_id: str, priority: int) -> None:
@@ -90,6 +97,18 @@ class Killswitch:
         """Stop one agent wherever it runs: persist the request, then broadcast it."""
         self.r.set(self.keys.stop_request(agent_id), reason, ex=7 * 24 * 3600)
         self.publish_stop(agent_id, reason)
+
+    def kill_requested(self, agent_id: str) -> str | None:
+        """The reason of a pending kill of one agent, if any."""
+        reason = self.r.get(self.keys.stop_request(agent_id))
+        return str(reason) if reason is not None else None
+
+    def record_stop(self, agent_id: str, reason: str) -> None:
+        """Note how long a killswitch stop took for one agent (for status and the audit trail)."""
+        state = cast(dict[str, str], self.r.hgetall(self.keys.killswitch))
+        if state.get("engaged") != "1" or not reason.startswith("killswitch"):
+            return
+        self.r.zadd(self.keys.killswitch_stops, {agent_id: time.time() - float(state.get("engaged_ts") or 0)})
 
     def clear_kill(self, agent_id: str) -> None:
         """Forget a kill request (the agent is being resumed)."""

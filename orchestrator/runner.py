@@ -64,6 +64,9 @@ def execute(fleet: Fleet, agent_id: str, worker: str) -> AgentResult | None:
         return AgentResult.model_validate(rec["result"]) if rec.get("result") else None
     spec = AgentSpec.model_validate(rec["spec"])
     switch = Killswitch(fleet.r, fleet.keys)
+    kill_reason = switch.kill_requested(agent_id)
+    if kill_reason is not None and not rec.get("started_at"):
+        return finish_unstarted(fleet, rec, State.KILLED, f"killed before it started: {kill_reason}")
     if switch.engaged():
         switch.hold(agent_id, spec.priority)
         fleet.store.update(agent_id, state=State.HELD.value)
@@ -87,6 +90,18 @@ def execute(fleet: Fleet, agent_id: str, worker: str) -> AgentResult | None:
         return None
     finally:
         fleet.leases.release(agent_id, holder, fence)
+
+
+def finish_unstarted(fleet: Fleet, rec: dict[str, Any], status: State, error: str) -> AgentResult:
+    """Give an agent that never ran its final result (killed while queued or held)."""
+    now = iso(utcnow())
+    result = AgentResult(agent_id=rec["agent_id"], task_id=rec.get("task_id"), status=status, branch=rec.get("branch"),
+                         error=error, started_at=now, finished_at=now,
+                         metadata=(rec.get("spec") or {}).get("metadata") or {})
+    fleet.store.finish(rec["agent_id"], result)
+    fleet.r.zrem(fleet.keys.held, rec["agent_id"])
+    fleet.r.zrem(fleet.keys.waiting, rec["agent_id"])
+    return result
 
 
 def _admit(fleet: Fleet, agent_id: str, spec: AgentSpec, fence: int) -> bool:
@@ -292,5 +307,7 @@ class AgentRun:
             warnings=self.warnings,
         )
         self.fleet.store.finish(self.agent_id, result, self.fence)
+        if status == State.KILLED:
+            Killswitch(self.fleet.r, self.fleet.keys).record_stop(self.agent_id, error or "")
         log.info("agent %s finished: %s", self.agent_id, status.value)
         return result
