@@ -268,8 +268,9 @@ class AgentLedger:
     """The ledger as one agent's loop sees it (``orchestrator.agent.loop.Ledger``)."""
 
     def __init__(self, budget: Budget, agent_id: str, agent_limit: int, model: str,
-                 on_warning: Callable[[str], None]) -> None:
+                 on_warning: Callable[[str], None], guard: Callable[[], None] | None = None) -> None:
         self.budget = budget
+        self.guard = guard
         self.agent_id = agent_id
         self.agent_limit = agent_limit
         self.model = model
@@ -278,8 +279,16 @@ class AgentLedger:
         self._warned: set[str] = set()
 
     def reserve(self, input_bound: int, max_output: int) -> TokenReservation:
-        """Reserve for the next call or stop the run with ``budget_exceeded`` (hard mode)."""
-        res = self.budget.reserve(self.agent_id, self.agent_limit, input_bound, max_output)
+        """Reserve for the next call or stop the run with ``budget_exceeded`` (hard mode).
+
+        If the ledger cannot be reached (after the client's retries) no call is made: the run fails closed.
+        """
+        if self.guard is not None:
+            self.guard()
+        try:
+            res = self.budget.reserve(self.agent_id, self.agent_limit, input_bound, max_output)
+        except redis.RedisError as exc:
+            raise StopRun(State.FAILED, f"budget ledger unreachable, no model call made (fail closed): {exc}") from None
         if res is None:
             raise StopRun(State.BUDGET_EXCEEDED, "token budget exhausted: not enough left for another call "
                           f"(agent limit {self.agent_limit}, daily limit {self.budget.s.daily_token_limit})")

@@ -59,6 +59,11 @@ class Keys:
         """Sorted set: running agent id scored by its last heartbeat (epoch seconds)."""
         return f"{self.prefix}heartbeats"
 
+    @property
+    def deadlines(self) -> str:
+        """Sorted set: running agent id scored by the end of its duration limit (epoch seconds)."""
+        return f"{self.prefix}deadlines"
+
     def daily_used(self, day: str) -> str:
         """Counter: tokens settled on a calendar day."""
         return f"{self.prefix}budget:day:{day}:used"

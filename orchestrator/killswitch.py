@@ -15,7 +15,7 @@ from typing import Any, cast
 import redis
 
 from orchestrator.keys import Keys
-from orchestrator.models import iso, utcnow
+from orchestrator.models import State, iso, utcnow
 
 AUDIT_KEEP = 1000
 
@@ -25,6 +25,17 @@ redis.call('HSET', KEYS[1], 'engaged', '1', 'reason', ARGV[1], 'engaged_at', ARG
            'by', ARGV[3], 'engaged_ts', ARGV[4])
 return 1
 """
+
+
+def parse_stop_request(raw: Any) -> tuple[State, str] | None:
+    """A persisted stop request as (status, reason)."""
+    if raw is None:
+        return None
+    try:
+        body = json.loads(raw)
+        return State(body.get("status") or State.KILLED.value), str(body.get("reason") or "stopped")
+    except (ValueError, TypeError, AttributeError):
+        return State.KILLED, str(raw)
 
 
 class Killswitch:
@@ -89,19 +100,20 @@ class Killswitch:
         """Held agent ids, in resume order."""
         return cast(list[str], self.r.zrange(self.keys.held, 0, -1))
 
-    def publish_stop(self, agent: str, reason: str) -> int:
+    def publish_stop(self, agent: str, reason: str, status: State = State.KILLED) -> int:
         """Broadcast a stop to one agent (or ``*``); returns how many listeners got it."""
-        return int(self.r.publish(self.keys.stop_channel, json.dumps({"agent": agent, "reason": reason})))
+        body = {"agent": agent, "reason": reason, "status": status.value}
+        return int(self.r.publish(self.keys.stop_channel, json.dumps(body)))
 
-    def kill_agent(self, agent_id: str, reason: str) -> None:
+    def kill_agent(self, agent_id: str, reason: str, status: State = State.KILLED) -> None:
         """Stop one agent wherever it runs: persist the request, then broadcast it."""
-        self.r.set(self.keys.stop_request(agent_id), reason, ex=7 * 24 * 3600)
-        self.publish_stop(agent_id, reason)
+        body = json.dumps({"reason": reason, "status": status.value})
+        self.r.set(self.keys.stop_request(agent_id), body, ex=7 * 24 * 3600)
+        self.publish_stop(agent_id, reason, status)
 
-    def kill_requested(self, agent_id: str) -> str | None:
-        """The reason of a pending kill of one agent, if any."""
-        reason = self.r.get(self.keys.stop_request(agent_id))
-        return str(reason) if reason is not None else None
+    def kill_requested(self, agent_id: str) -> tuple[State, str] | None:
+        """The status and reason of a pending stop of one agent, if any."""
+        return parse_stop_request(self.r.get(self.keys.stop_request(agent_id)))
 
     def record_stop(self, agent_id: str, reason: str) -> None:
         """Note how long a killswitch stop took for one agent (for status and the audit trail)."""

@@ -15,6 +15,7 @@ from zoneinfo import ZoneInfo
 
 from orchestrator.callbacks import Outbox, SendTask
 from orchestrator.fleet import Fleet
+from orchestrator.killswitch import Killswitch
 from orchestrator.models import AgentResult, State, Usage, iso, utcnow
 from orchestrator.runner import wake_waiters
 
@@ -59,9 +60,38 @@ def health_sweep(fleet: Fleet, now: float | None = None) -> dict[str, Any]:
             recovered.append(agent_id)
         else:
             failed.append(agent_id)
+    overdue = enforce_deadlines(fleet, moment)
     woken = wake_waiters(fleet)
     return {"stale": len(stale), "recovered": recovered, "failed": failed, "expired_reservations": expired,
-            "woken": woken, "seconds": round(time.perf_counter() - started, 4)}
+            "overdue": overdue, "woken": woken, "seconds": round(time.perf_counter() - started, 4)}
+
+
+def enforce_deadlines(fleet: Fleet, now: float) -> list[str]:
+    """Agents past their duration limit: stopped as ``timed_out`` (hard) or flagged once (soft).
+
+    Each agent's own supervisor does this locally; the sweep is the backstop for one that cannot.
+    """
+    overdue = cast(list[str], fleet.r.zrangebyscore(fleet.keys.deadlines, "-inf", now, 0, 1000))
+    switch = Killswitch(fleet.r, fleet.keys)
+    for agent_id in overdue:
+        if not fleet.r.zrem(fleet.keys.deadlines, agent_id):
+            continue
+        if fleet.budget.hard:
+            switch.kill_agent(agent_id, "duration limit reached", status=State.TIMED_OUT)
+        else:
+            fleet.store.add_event(agent_id, "warning", "duration limit passed (soft mode: the agent goes on)")
+    return overdue
+
+
+def hand_back_worker(fleet: Fleet, worker: str) -> list[str]:
+    """Ask every agent running on ``worker`` to checkpoint, release its lease and go back to the queue."""
+    switch = Killswitch(fleet.r, fleet.keys)
+    handed = []
+    for rec in fleet.store.list_agents():
+        if rec.get("worker") == worker and rec.get("state") == State.RUNNING.value:
+            switch.publish_stop(rec["agent_id"], f"worker {worker} is shutting down", State.RECOVERING)
+            handed.append(rec["agent_id"])
+    return handed
 
 
 def recover_agent(fleet: Fleet, agent_id: str, reason: str) -> bool:

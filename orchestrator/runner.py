@@ -64,9 +64,9 @@ def execute(fleet: Fleet, agent_id: str, worker: str) -> AgentResult | None:
         return AgentResult.model_validate(rec["result"]) if rec.get("result") else None
     spec = AgentSpec.model_validate(rec["spec"])
     switch = Killswitch(fleet.r, fleet.keys)
-    kill_reason = switch.kill_requested(agent_id)
-    if kill_reason is not None and not rec.get("started_at"):
-        return finish_unstarted(fleet, rec, State.KILLED, f"killed before it started: {kill_reason}")
+    requested = switch.kill_requested(agent_id)
+    if requested is not None and not rec.get("started_at"):
+        return finish_unstarted(fleet, rec, requested[0], f"stopped before it started: {requested[1]}")
     if switch.engaged():
         switch.hold(agent_id, spec.priority)
         fleet.store.update(agent_id, state=State.HELD.value)
@@ -77,11 +77,13 @@ def execute(fleet: Fleet, agent_id: str, worker: str) -> AgentResult | None:
     if fence is None:
         log.info("agent %s is already running elsewhere; this delivery does nothing", agent_id)
         return None
+    run: AgentRun | None = None
     try:
         if not _admit(fleet, agent_id, spec, fence):
             return None
+        run = AgentRun(fleet, rec, spec, worker, holder, fence)
         try:
-            return AgentRun(fleet, rec, spec, worker, holder, fence).run()
+            return run.run()
         finally:
             fleet.budget.release_slot(agent_id)
             wake_waiters(fleet)
@@ -90,6 +92,8 @@ def execute(fleet: Fleet, agent_id: str, worker: str) -> AgentResult | None:
         return None
     finally:
         fleet.leases.release(agent_id, holder, fence)
+        if run is not None and run.handed_back:
+            fleet.enqueue(agent_id)  # after the lease is free, so the next delivery can take it
 
 
 def finish_unstarted(fleet: Fleet, rec: dict[str, Any], status: State, error: str) -> AgentResult:
@@ -153,10 +157,14 @@ class AgentRun:
         self.model_name = spec.model or self.s.model
         self.agent_limit = min(self.s.agent_token_limit, spec.token_limit or self.s.agent_token_limit)
         self.warnings: list[str] = []
-        self.ledger = AgentLedger(fleet.budget, self.agent_id, self.agent_limit, self.model_name, self.warn)
+        self.ledger = AgentLedger(fleet.budget, self.agent_id, self.agent_limit, self.model_name, self.warn,
+                                  guard=self.check_fence)
         self.model: ModelClient | None = None
         self.toolbox: Toolbox | None = None
         self.checkpoint: Checkpoint | None = None
+        self.handed_back = False
+        self.last_progress = time.time()
+        self.stuck_flagged = False
 
     # -- callbacks from the supervisor thread -----------------------------------------------------------
     def warn(self, message: str) -> None:
@@ -164,6 +172,21 @@ class AgentRun:
         self.warnings.append(message)
         log.warning("agent %s: %s", self.agent_id, message)
         self.fleet.store.add_event(self.agent_id, "warning", message)
+
+    def check_fence(self) -> None:
+        """Raise StaleFence if a newer run owns the agent (checked before every model call and commit)."""
+        if self.fleet.r.get(self.fleet.keys.fence(self.agent_id)) != str(self.fence):
+            raise StaleFence(f"agent {self.agent_id}: a newer run owns it")
+
+    def stuck(self, reason: str) -> None:
+        """An agent that loops or makes no progress: flag it, and stop it if the settings say so."""
+        if not self.stuck_flagged:
+            self.stuck_flagged = True
+            log.warning("agent %s looks stuck: %s", self.agent_id, reason)
+            self.fleet.store.update(self.agent_id, self.fence, stuck=reason)
+            self.fleet.store.add_event(self.agent_id, "stuck", reason)
+        if self.s.stuck_action == "stop":
+            raise StopRun(State.FAILED, f"stuck: {reason}")
 
     def request_stop(self, status: State, reason: str) -> None:
         """Stop now: cut the model call and kill the shell command in flight."""
@@ -189,17 +212,24 @@ class AgentRun:
         self.fleet.budget.acquire_slot(self.agent_id, force=True)
         if self.ledger.open is not None:
             self.fleet.budget.renew(self.ledger.open.id)
+        idle = now - self.last_progress
+        if idle > self.s.stuck_no_progress_minutes * 60:
+            try:
+                self.stuck(f"no progress for {idle / 60:.0f} minutes")
+            except StopRun as stop:
+                self.request_stop(stop.status, stop.reason)
         return True
 
     # -- the run ------------------------------------------------------------------------------------------
-    def run(self) -> AgentResult:
-        """Run to a result; the work so far is committed whatever ends the run."""
+    def run(self) -> AgentResult | None:
+        """Run to a result (None when handed back); the work so far is committed whatever ends the run."""
         started_at: str = self.rec.get("started_at") or iso(utcnow()) or ""
         duration = min(self.s.max_task_duration_minutes, self.spec.max_duration_minutes or 10**9)
         deadline = datetime.fromisoformat(started_at).timestamp() + duration * 60
         self.fleet.store.update(self.agent_id, self.fence, state=State.RUNNING.value, worker=self.worker,
                                 started_at=started_at, heartbeat_at=iso(utcnow()))
         self.fleet.r.zadd(self.fleet.keys.heartbeats, {self.agent_id: time.time()})
+        self.fleet.r.zadd(self.fleet.keys.deadlines, {self.agent_id: deadline})
         supervisor = Supervisor(
             self.fleet.r, self.fleet.keys, self.agent_id, interval=self.s.heartbeat_interval_seconds,
             beat=self.beat, stop=self.request_stop, deadline=deadline,
@@ -215,6 +245,7 @@ class AgentRun:
             status, error, gates = self._drive(wt)
         except StopRun as stop:
             status, error = stop.status, stop.reason
+            self.handed_back = stop.status == State.RECOVERING
         except StaleFence:
             raise
         except WorkspaceError as exc:
@@ -228,7 +259,18 @@ class AgentRun:
         if wt is not None:
             commit, push_error = self._commit_and_push(wt, status, gates)
             error = error or push_error
+        if self.handed_back:
+            self._hand_back(error or "handed back")
+            return None
         return self._finish(status, error, gates, commit, started_at)
+
+    def _hand_back(self, reason: str) -> None:
+        """The worker is shutting down: leave the agent to resume from its checkpoint on another worker."""
+        self.check_fence()
+        self.fleet.store.update(self.agent_id, self.fence, state=State.RECOVERING.value)
+        self.fleet.store.add_event(self.agent_id, "recovering", f"{reason} (worker {self.worker})")
+        self.fleet.r.zrem(self.fleet.keys.heartbeats, self.agent_id)
+        log.warning("agent %s handed back: %s", self.agent_id, reason)
 
     def _drive(self, wt: Worktree) -> tuple[State, str | None, list[GateResult]]:
         toolbox = Toolbox(wt.path, shell_timeout=self.s.shell_timeout_seconds, output_limit=self.s.tool_output_limit)
@@ -243,9 +285,10 @@ class AgentRun:
                                                                             "content": self.spec.prompt}])
         self.checkpoint = cp
         max_turns = self.spec.max_turns or self.s.max_turns
-        loop = AgentLoop(model, toolbox, self.ledger, self.stop,
-                         LoopConfig(max_turns=max_turns, max_tokens_per_turn=self.s.max_tokens_per_turn),
-                         on_checkpoint=self._save_checkpoint, on_progress=self._progress)
+        config = LoopConfig(max_turns=max_turns, max_tokens_per_turn=self.s.max_tokens_per_turn,
+                            stuck_repeats=self.s.stuck_repeat_limit)
+        loop = AgentLoop(model, toolbox, self.ledger, self.stop, config, on_checkpoint=self._save_checkpoint,
+                         on_progress=self._progress, on_stuck=self.stuck)
         gates: list[GateResult] = []
         for attempt in range(1, self.spec.max_gate_attempts + 1):
             cp = loop.run(cp)
@@ -267,18 +310,18 @@ class AgentRun:
 
     def _save_checkpoint(self, cp: Checkpoint) -> None:
         self.checkpoint = cp
+        self.last_progress = time.time()
         self.fleet.store.save_checkpoint(self.agent_id, cp.to_json(), self.fence)
         self.fleet.store.update(self.agent_id, self.fence, turns=cp.turns, usage=cp.usage.model_dump())
 
     def _progress(self, cp: Checkpoint) -> None:
         self.checkpoint = cp
+        self.last_progress = time.time()
         self.fleet.store.update(self.agent_id, self.fence, turns=cp.turns, usage=cp.usage.model_dump(),
                                 last_tool=cp.last_tool, heartbeat_at=iso(utcnow()))
 
     def _commit(self, wt: Worktree, note: str) -> str | None:
-        self.fleet.leases.renew(self.agent_id, self.holder, self.fence, self.s.heartbeat_timeout_seconds)
-        if self.fleet.r.get(self.fleet.keys.fence(self.agent_id)) != str(self.fence):
-            raise StaleFence(f"agent {self.agent_id}: not committing, a newer run owns it")
+        self.check_fence()
         message = f"{self.spec.task_id}: agent {self.agent_id} ({note})\n\n{self.spec.prompt[:500]}"
         return self.fleet.workspace.commit(wt, message, f"agent-{self.agent_id}",
                                            f"{self.agent_id}@agents.orchestrator", self.spec.base_branch)

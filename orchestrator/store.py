@@ -11,6 +11,8 @@ from functools import lru_cache
 from typing import Any, cast
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from orchestrator.keys import RECORD_TTL_SECONDS, REJECTED_KEEP, Keys
 from orchestrator.models import AgentResult, AgentSpec, Rejection, State, Usage, iso, utcnow
@@ -32,14 +34,21 @@ RECORD_FIELDS = (
 
 
 @lru_cache(maxsize=4)
-def _client(url: str) -> Redis:
-    return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30,
-                                socket_connect_timeout=5, socket_timeout=30)
+def _client(url: str, retry_seconds: float) -> Redis:
+    # A Valkey restart or a network blip must not fail an agent: every command retries with backoff for about
+    # `valkey_retry_seconds`. Model calls wait meanwhile (no reservation, no call: fail closed).
+    retries = max(0, int(retry_seconds / 2) + 3)
+    return redis.Redis.from_url(
+        url, decode_responses=True, health_check_interval=30, socket_connect_timeout=5, socket_timeout=30,
+        retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), retries),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+    )
 
 
 def connect(settings: Settings | None = None) -> Redis:
     """The process's client for fleet state (redis-py pools reset themselves after fork)."""
-    return _client((settings or get_settings()).state_redis_url)
+    s = settings or get_settings()
+    return _client(s.state_redis_url, s.valkey_retry_seconds)
 
 
 class StaleFence(RuntimeError):
@@ -145,6 +154,7 @@ class AgentStore:
         pipe = self.r.pipeline()
         pipe.srem(self.keys.agents_active, agent_id)
         pipe.zrem(self.keys.heartbeats, agent_id)
+        pipe.zrem(self.keys.deadlines, agent_id)
         pipe.expire(self.keys.agent(agent_id), RECORD_TTL_SECONDS)
         pipe.expire(self.keys.checkpoint(agent_id), RECORD_TTL_SECONDS)
         pipe.execute()

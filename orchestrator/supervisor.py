@@ -18,6 +18,7 @@ from typing import Any
 import redis
 
 from orchestrator.keys import Keys
+from orchestrator.killswitch import parse_stop_request
 from orchestrator.models import State
 
 log = logging.getLogger(__name__)
@@ -68,11 +69,12 @@ class Supervisor:
         pipe.hget(self.keys.killswitch, "engaged")
         pipe.get(self.keys.stop_request(self.agent_id))
         engaged, own = pipe.execute()
+        request = parse_stop_request(own)
         if engaged == "1":
             reason = str(self.r.hget(self.keys.killswitch, "reason") or "killswitch engaged")
             self.stop(State.KILLED, f"killswitch: {reason}")
-        elif own:
-            self.stop(State.KILLED, f"killed: {own}")
+        elif request is not None:
+            self.stop(request[0], request[1])
 
     def _beat_loop(self) -> None:
         while not self._done.is_set():
@@ -118,4 +120,8 @@ class Supervisor:
                 continue
             target = body.get("agent")
             if target in ("*", self.agent_id):
-                self.stop(State.KILLED, str(body.get("reason") or "stopped"))
+                try:
+                    status = State(body.get("status") or State.KILLED.value)
+                except ValueError:
+                    status = State.KILLED
+                self.stop(status, str(body.get("reason") or "stopped"))

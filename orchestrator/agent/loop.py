@@ -119,6 +119,7 @@ class LoopConfig:
     max_tokens_per_turn: int
     retries: int = 3
     retry_backoff_seconds: float = 1.0
+    stuck_repeats: int = 5  # the same tool call with the same result this many times in a row is "stuck"
 
 
 def _bytes(value: Any) -> int:
@@ -130,7 +131,8 @@ class AgentLoop:
 
     def __init__(self, model: ModelClient, toolbox: Toolbox, ledger: Ledger, stop: StopSignal,
                  config: LoopConfig, on_checkpoint: Callable[[Checkpoint], None],
-                 on_progress: Callable[[Checkpoint], None] | None = None) -> None:
+                 on_progress: Callable[[Checkpoint], None] | None = None,
+                 on_stuck: Callable[[str], None] | None = None) -> None:
         self.model = model
         self.toolbox = toolbox
         self.ledger = ledger
@@ -138,6 +140,9 @@ class AgentLoop:
         self.config = config
         self.on_checkpoint = on_checkpoint
         self.on_progress = on_progress or (lambda cp: None)
+        self.on_stuck = on_stuck or (lambda reason: None)
+        self._last_call: tuple[str, str] | None = None
+        self._repeats = 0
 
     def run(self, cp: Checkpoint) -> Checkpoint:
         """Run from ``cp`` (fresh or resumed) until the model ends its turn or ``max_turns``."""
@@ -214,6 +219,14 @@ class AgentLoop:
             return []
         return [b for b in content if isinstance(b, dict) and b.get("type") == "tool_use"]
 
+    def _watch_for_loops(self, block: dict[str, Any], output: str) -> None:
+        """Report an agent that repeats the same tool call with the same result (it may raise StopRun)."""
+        signature = (f"{block['name']}:{json.dumps(block.get('input'), sort_keys=True)}", output)
+        self._repeats = self._repeats + 1 if signature == self._last_call else 1
+        self._last_call = signature
+        if self._repeats == self.config.stuck_repeats:
+            self.on_stuck(f"the same {block['name']} call returned the same result {self._repeats} times in a row")
+
     def _run_pending_tools(self, cp: Checkpoint) -> None:
         uses = self._pending_tool_uses(cp)
         if not uses:
@@ -225,6 +238,7 @@ class AgentLoop:
             self.on_progress(cp)
             result = self.toolbox.run(block["name"], block.get("input") or {})
             results.append(result.as_block(block["id"]))
+            self._watch_for_loops(block, result.content)
         self.stop.check()  # a tool cut by a stop does not count as done: it runs again on resume
         cp.messages.append({"role": "user", "content": results})
         self.on_checkpoint(cp)

@@ -1,0 +1,210 @@
+"""Health: dead, frozen and stopping workers; duplicate deliveries; Valkey restarts; stuck agents."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+
+from orchestrator.fleet import Fleet
+from orchestrator.ops import health_sweep
+from orchestrator.settings import Settings
+from orchestrator.testing.cluster import Valkey, Worker, fleet_env
+from orchestrator.testing.offline_model import OfflineModel, Script, Turn, bash, text_turn
+from tests.conftest import Cluster, git, mirror_of
+
+FAST = {"heartbeat_interval_seconds": 0.5, "heartbeat_timeout_seconds": 3, "health_sweep_interval_seconds": 1}
+SLOW = "x" * 600
+
+
+def slow_tool(command: str, chunk_delay: float = 0.4) -> Turn:
+    return Turn([{"type": "text", "text": SLOW}, {"type": "tool_use", "name": "bash", "input": {"command": command}}],
+                chunk_delay=chunk_delay)
+
+
+def five_turns(offline: OfflineModel, name: str = "five", chunk_delay: float = 0.4) -> None:
+    offline.add_script(name, Script([bash("echo a > a.txt"), bash("echo b > b.txt"),
+                                     slow_tool("echo c > c.txt", chunk_delay), bash("echo d > d.txt"),
+                                     text_turn("done")]))
+
+
+def turns_of(offline: OfflineModel, agent_id: str) -> list[int]:
+    return [c.turn for c in offline.calls() if c.agent == agent_id]
+
+
+def completed_usage(offline: OfflineModel, agent_id: str) -> int:
+    return sum(c.usage["total_tokens"] for c in offline.calls() if c.agent == agent_id and c.status == "completed")
+
+
+def ledger_used(cluster: Cluster, agent_id: str) -> int:
+    with cluster.state() as r:
+        return int(r.get(f"orch:budget:agent:{agent_id}:used") or 0)
+
+
+def test_sigkilled_worker_agent_resumes_elsewhere_from_checkpoint(cluster: Cluster, sample_repo: Path,
+                                                                  offline: OfflineModel) -> None:
+    five_turns(offline, chunk_delay=1.0)
+    doomed = cluster.worker("doomed", concurrency=1, **FAST)
+    pending = cluster.submit({"task_id": "crash-1", "prompt": "[[script:five]] go", "repo": str(sample_repo)})
+    agent_id = cluster.agent_for("crash-1")
+    cluster.wait_for(lambda: 2 in turns_of(offline, agent_id) and offline.open_streams() == 1, timeout=30,
+                     what="the third turn streaming")
+    cluster.worker("survivor", concurrency=1, **FAST)
+    cluster.beat(**FAST)
+    doomed.signal(signal.SIGKILL)  # the whole process group: main process and pool child
+    result = pending.get(timeout=60)
+    assert result["status"] == "completed" and result["worker"].startswith("survivor@"), result
+    turns = turns_of(offline, agent_id)
+    assert sorted(turns) == [0, 1, 2, 2, 3, 4]  # only the turn in flight was asked twice
+    assert result["turns"] == 5
+    mirror = mirror_of(cluster.workspace)
+    assert git(mirror, "rev-list", "--count", f"{git(sample_repo, 'rev-parse', 'main').strip()}..{result['branch']}"
+               ).strip() == "1"  # exactly one final commit
+    assert {"a.txt", "b.txt", "c.txt", "d.txt"} <= set(git(mirror, "ls-tree", "--name-only", result["commit"]).split())
+    # Tokens counted once: the result and the ledger hold every completed call exactly once.
+    assert result["usage"]["total_tokens"] == completed_usage(offline, agent_id) == ledger_used(cluster, agent_id)
+    record = cluster.record(agent_id)
+    assert record["recoveries"] == 1 and any(e["kind"] == "recovering" for e in record["events"])
+
+
+def test_same_task_delivered_twice_runs_once(cluster: Cluster, sample_repo: Path, offline: OfflineModel) -> None:
+    five_turns(offline)
+    cluster.worker(concurrency=4)
+    spec = {"task_id": "twice-1", "prompt": "[[script:five]] go", "repo": str(sample_repo)}
+    first = cluster.submit(spec)
+    agent_id = cluster.agent_for("twice-1")
+    cluster.wait_for(lambda: turns_of(offline, agent_id), what="the agent to start")
+    second = cluster.submit(spec)
+    # A forced redelivery of the run message itself (what the Redis transport does after visibility_timeout).
+    for _ in range(2):
+        cluster.coordinator.send_task("orchestrator.spawn_agent", kwargs={"spec": spec, "run_agent_id": agent_id},
+                                      task_id=first.id, queue="agents")
+    assert second.get(timeout=30)["status"] == "duplicate"
+    result = first.get(timeout=60)
+    assert result["status"] == "completed"
+    time.sleep(1)
+    assert sorted(turns_of(offline, agent_id)) == [0, 1, 2, 3, 4]  # one run only
+    assert result["usage"]["total_tokens"] == ledger_used(cluster, agent_id)
+
+
+def test_frozen_worker_writes_nothing_after_it_thaws(cluster: Cluster, sample_repo: Path,
+                                                    offline: OfflineModel) -> None:
+    five_turns(offline, chunk_delay=1.0)
+    frozen = cluster.worker("frozen", concurrency=1, **FAST)
+    pending = cluster.submit({"task_id": "freeze-1", "prompt": "[[script:five]] go", "repo": str(sample_repo)})
+    agent_id = cluster.agent_for("freeze-1")
+    cluster.wait_for(lambda: 2 in turns_of(offline, agent_id) and offline.open_streams() == 1, timeout=30,
+                     what="the third turn streaming")
+    frozen.signal(signal.SIGSTOP)
+    try:
+        cluster.worker("thawed-out", concurrency=1, **FAST)
+        cluster.beat(**FAST)
+        result = pending.get(timeout=60)
+        assert result["status"] == "completed" and result["worker"].startswith("thawed-out@")
+        with cluster.state() as r:
+            before = (r.hgetall(f"orch:agent:{agent_id}"), r.get(f"orch:checkpoint:{agent_id}"),
+                      r.get(f"orch:budget:agent:{agent_id}:used"))
+        head = git(mirror_of(cluster.workspace), "rev-parse", result["branch"]).strip()
+        thawed_at = time.time()
+    finally:
+        frozen.signal(signal.SIGCONT)
+    time.sleep(6)  # the old worker finishes its stale stream and notices its fencing token is stale
+    with cluster.state() as r:
+        after = (r.hgetall(f"orch:agent:{agent_id}"), r.get(f"orch:checkpoint:{agent_id}"),
+                 r.get(f"orch:budget:agent:{agent_id}:used"))
+    assert after[0] == before[0] and after[1] == before[1]
+    assert git(mirror_of(cluster.workspace), "rev-parse", result["branch"]).strip() == head
+    assert [c for c in offline.calls() if c.agent == agent_id and c.started_at > thawed_at] == []
+    frozen_log = (cluster.tmp / "frozen.log").read_text()
+    assert "stale" in frozen_log or "lease lost" in frozen_log or "newer run" in frozen_log
+
+
+def test_valkey_restart_mid_run_loses_nothing(offline: OfflineModel, sample_repo: Path, tmp_path: Path) -> None:
+    five_turns(offline, chunk_delay=0.3)
+    data = tmp_path / "valkey-data"
+    server = Valkey(data_dir=data, persistence=True)
+    port = server.port
+    env = fleet_env(server.url, tmp_path / "ws", offline.url, **FAST)
+    worker = Worker(env, "w1@%h", concurrency=1, log_path=tmp_path / "w1.log").wait_ready()
+    coordinator = Celery(broker=server.url, backend=server.url.rsplit("/", 1)[0] + "/1")
+    try:
+        async_result = coordinator.send_task("orchestrator.spawn_agent", queue="agents", kwargs={
+            "spec": {"task_id": "vk-1", "prompt": "[[script:five]] go", "repo": str(sample_repo)}})
+        deadline = time.monotonic() + 30
+        while not any(c.turn >= 1 for c in offline.calls()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        server.stop()  # persistence on: the AOF keeps every acknowledged write
+        time.sleep(3)
+        server = Valkey(port=port, data_dir=data, persistence=True)
+        with server.client(1) as results:
+            key = f"celery-task-meta-{async_result.id}"
+            deadline = time.monotonic() + 90
+            meta: dict[str, Any] = {}
+            while meta.get("status") not in ("SUCCESS", "FAILURE") and time.monotonic() < deadline:
+                time.sleep(0.2)
+                meta = json.loads(results.get(key) or "{}")
+        assert meta.get("status") == "SUCCESS", (meta, worker.log()[-3000:])
+        assert meta["result"]["status"] == "completed"
+        assert meta["result"]["turns"] == 5
+        agent_id = meta["result"]["agent_id"]
+        assert set(turns_of(offline, agent_id)) == {0, 1, 2, 3, 4}
+    finally:
+        worker.stop()
+        coordinator.close()
+        server.stop()
+
+
+def test_sigterm_hands_the_agent_back_at_once(cluster: Cluster, sample_repo: Path, offline: OfflineModel) -> None:
+    five_turns(offline, chunk_delay=1.0)
+    leaving = cluster.worker("leaving", concurrency=1)  # default 60 s heartbeat timeout: the sweep cannot help
+    pending = cluster.submit({"task_id": "term-1", "prompt": "[[script:five]] go", "repo": str(sample_repo)})
+    agent_id = cluster.agent_for("term-1")
+    cluster.wait_for(lambda: 2 in turns_of(offline, agent_id) and offline.open_streams() == 1, timeout=30,
+                     what="the third turn streaming")
+    cluster.worker("staying", concurrency=1)
+    leaving.signal(signal.SIGTERM, group=False)  # a warm shutdown, as on a redeploy
+    terminated_at = time.time()
+    result = pending.get(timeout=60)
+    assert result["status"] == "completed" and result["worker"].startswith("staying@")
+    resumed = [c for c in offline.calls() if c.agent == agent_id and c.started_at > terminated_at]
+    assert resumed and resumed[0].started_at - terminated_at < 5  # promptly, not after the heartbeat timeout
+    leaving.popen.wait(30)
+    assert sorted(turns_of(offline, agent_id)) == [0, 1, 2, 2, 3, 4]
+
+
+def test_looping_agent_is_flagged_and_stopped(cluster: Cluster, sample_repo: Path, offline: OfflineModel) -> None:
+    offline.add_script("loop", Script([bash("echo same")], repeat_last=True))
+    cluster.worker(stuck_repeat_limit=4, stuck_action="stop")
+    result = cluster.submit({"task_id": "loop-1", "prompt": "[[script:loop]] go", "repo": str(sample_repo)})
+    result = result.get(timeout=60)
+    assert result["status"] == "failed" and "stuck" in result["error"]
+    assert result["turns"] == 4
+    record = cluster.record(result["agent_id"])
+    assert any(e["kind"] == "stuck" for e in record["events"])
+
+
+def test_sweep_finds_the_few_stale_among_ten_thousand(valkey: Valkey, tmp_path: Path) -> None:
+    settings = Settings(_env_file=None, broker_url=valkey.url, workspace_dir=tmp_path / "ws",  # type: ignore[call-arg]
+                        heartbeat_timeout_seconds=60)
+    enqueued: list[str] = []
+    fleet = Fleet.create(settings, r=valkey.client(), enqueue=enqueued.append)
+    now = time.time()
+    stale = [f"stale-{i}" for i in range(5)]
+    pipe = fleet.r.pipeline()
+    for i in range(10_000):
+        pipe.zadd(fleet.keys.heartbeats, {f"ok-{i}": now - 5})
+    for agent_id in stale:
+        pipe.zadd(fleet.keys.heartbeats, {agent_id: now - 300})
+        pipe.hset(fleet.keys.agent(agent_id), mapping={"agent_id": json.dumps(agent_id), "state": '"running"',
+                                                        "spec": json.dumps({"metadata": {}})})
+    pipe.execute()
+    report: dict[str, Any] = health_sweep(fleet, now=now)
+    assert sorted(report["recovered"]) == stale and sorted(enqueued) == stale
+    assert fleet.r.zcard(fleet.keys.heartbeats) == 10_000
+    assert all(fleet.store.get(a)["state"] == "recovering" for a in stale)  # type: ignore[index]
+    again = health_sweep(fleet, now=now)  # a second beat right after finds nothing to do
+    assert again["recovered"] == [] and len(enqueued) == 5
