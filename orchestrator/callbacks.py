@@ -20,9 +20,6 @@ from orchestrator.settings import redact_url
 
 log = logging.getLogger(__name__)
 
-RETRY_BASE_SECONDS = 5.0
-RETRY_MAX_SECONDS = 600.0
-GIVE_UP_AFTER_SECONDS = 2 * 3600  # keep trying for two hours, then list it for an operator
 HTTP_TIMEOUT_SECONDS = 10.0
 SendTask = Callable[..., Any]
 
@@ -32,18 +29,21 @@ def sign(body: bytes, secret: str) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
-def backoff(attempts: int) -> float:
-    """Seconds before the next try after ``attempts`` failures."""
-    return float(min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2 ** max(0, attempts - 1)))
-
-
 class Outbox:
     """Pending callback deliveries, scored by when they are next due."""
 
-    def __init__(self, r: redis.Redis, keys: Keys, secret: str | None) -> None:
+    def __init__(self, r: redis.Redis, keys: Keys, secret: str | None, retry_base: float = 5.0,
+                 retry_max: float = 600.0, give_up_seconds: float = 6 * 3600) -> None:
         self.r = r
         self.keys = keys
         self.secret = secret
+        self.retry_base = retry_base
+        self.retry_max = retry_max
+        self.give_up_seconds = give_up_seconds
+
+    def backoff(self, attempts: int) -> float:
+        """Seconds before the next try after ``attempts`` failures (exponential, capped)."""
+        return float(min(self.retry_max, self.retry_base * 2 ** max(0, attempts - 1)))
 
     def put(self, agent_id: str, callback: dict[str, Any], result: dict[str, Any]) -> None:
         """Store a result for delivery (replacing an older undelivered one of the same agent)."""
@@ -57,6 +57,19 @@ class Outbox:
     def pending(self) -> int:
         """Deliveries waiting."""
         return int(self.r.zcard(self.keys.outbox))
+
+    def listing(self) -> dict[str, list[dict[str, Any]]]:
+        """Pending and given-up deliveries with their attempts and last error, for an operator."""
+        pending = []
+        for agent_id, due in cast(list[tuple[str, float]], self.r.zrange(self.keys.outbox, 0, -1, withscores=True)):
+            raw = self.r.get(self.keys.outbox_item(agent_id))
+            if raw:
+                item = json.loads(cast(str, raw))
+                pending.append({"agent_id": agent_id, "callback": item["callback"], "attempts": item["attempts"],
+                                "last_error": item["last_error"], "next_attempt_at": due})
+        dead = [{"agent_id": i["agent_id"], "callback": i["callback"], "attempts": i["attempts"],
+                 "last_error": i["last_error"]} for i in self.dead()]
+        return {"pending": pending, "dead": dead}
 
     def dead(self) -> list[dict[str, Any]]:
         """Deliveries given up on, for an operator."""
@@ -91,20 +104,23 @@ class Outbox:
             item["attempts"] += 1
             item["last_error"] = redact_url(str(exc))[:500]
             self.r.set(self.keys.outbox_item(agent_id), json.dumps(item), ex=RECORD_TTL_SECONDS)
-            if time.time() - item["created"] > GIVE_UP_AFTER_SECONDS:
+            self.r.hincrby(self.keys.outbox_stats, "failed_attempts", 1)
+            if time.time() - item["created"] > self.give_up_seconds:
                 self.r.zrem(self.keys.outbox, agent_id)
                 self.r.zadd(self.keys.dead_letters, {agent_id: time.time()})
                 log.error("callback for agent %s given up after %d attempts: %s", agent_id, item["attempts"],
                           item["last_error"])
             else:
-                self.r.zadd(self.keys.outbox, {agent_id: time.time() + backoff(item["attempts"])})
+                self.r.zadd(self.keys.outbox, {agent_id: time.time() + self.backoff(item["attempts"])})
                 log.warning("callback for agent %s failed (attempt %d): %s", agent_id, item["attempts"],
                             item["last_error"])
             return False
         pipe = self.r.pipeline()
         pipe.zrem(self.keys.outbox, agent_id)
         pipe.delete(self.keys.outbox_item(agent_id))
+        pipe.hincrby(self.keys.outbox_stats, "delivered", 1)
         pipe.execute()
+        log.info("callback for agent %s delivered after %d failed attempt(s)", agent_id, item["attempts"])
         return True
 
     def _send(self, item: dict[str, Any], send_task: SendTask) -> None:

@@ -114,6 +114,26 @@ def cmd_rejected(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_callbacks(args: argparse.Namespace) -> int:
+    """Result deliveries still pending, and those given up on."""
+    from orchestrator.ops import outbox
+
+    doc = outbox(_fleet()).listing()
+    if args.json:
+        _print_json(doc)
+        return 0
+    table = Table(title=f"{len(doc['pending'])} pending, {len(doc['dead'])} undeliverable callback(s)")
+    for col in ("agent", "target", "attempts", "last error", "state"):
+        table.add_column(col, overflow="fold")
+    for state, items in (("pending", doc["pending"]), ("undeliverable", doc["dead"])):
+        for item in items:
+            cb = item["callback"]
+            target = redact_url(cb["url"]) if cb.get("url") else f"{cb.get('task')} on {cb.get('queue')}"
+            table.add_row(item["agent_id"], target, str(item["attempts"]), str(item["last_error"] or ""), state)
+    console.print(table)
+    return 0
+
+
 def cmd_budget(args: argparse.Namespace) -> int:
     """The usage summary of today."""
     fleet = _fleet()
@@ -307,6 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     rj = sub.add_parser("rejected", help="rejected specs")
     rj.add_argument("--json", action="store_true")
     rj.set_defaults(func=cmd_rejected)
+
+    cb = sub.add_parser("callbacks", help="pending and undeliverable result callbacks")
+    cb.add_argument("--json", action="store_true")
+    cb.set_defaults(func=cmd_callbacks)
 
     d = sub.add_parser("demo", help="run the whole fleet locally on a sample repository")
     d.set_defaults(func=lambda args: __import__("orchestrator.demo", fromlist=["main"]).main())

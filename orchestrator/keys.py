@@ -158,6 +158,11 @@ class Keys:
         return f"{self.prefix}outbox:{agent_id}"
 
     @property
+    def outbox_stats(self) -> str:
+        """Hash: delivered / failed_attempts counters of the outbox."""
+        return f"{self.prefix}outbox:stats"
+
+    @property
     def dead_letters(self) -> str:
         """Sorted set: callbacks given up on, for an operator."""
         return f"{self.prefix}outbox:dead"

@@ -24,16 +24,19 @@ log = logging.getLogger(__name__)
 
 def outbox(fleet: Fleet) -> Outbox:
     """The callback outbox of a fleet."""
-    secret = fleet.settings.webhook_secret
-    return Outbox(fleet.r, fleet.keys, secret.get_secret_value() if secret else None)
+    s = fleet.settings
+    secret = s.webhook_secret.get_secret_value() if s.webhook_secret else None
+    return Outbox(fleet.r, fleet.keys, secret, s.callback_retry_base_seconds, s.callback_retry_max_seconds,
+                  s.callback_give_up_hours * 3600)
 
 
-def queue_callback(fleet: Fleet, result: AgentResult) -> None:
-    """Put a finished agent's result in the outbox if its spec asked for a callback."""
+def queue_callback(fleet: Fleet, result: AgentResult) -> bool:
+    """Put a finished agent's result in the outbox if its spec asked for a callback; True if it did."""
     rec = fleet.store.get(result.agent_id or "") if result.agent_id else None
     callback = ((rec or {}).get("spec") or {}).get("callback")
     if callback:
         outbox(fleet).put(str(result.agent_id), callback, result.to_json())
+    return bool(callback)
 
 
 def deliver_callbacks(fleet: Fleet, send_task: SendTask) -> dict[str, Any]:

@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     worktree_retention_hours: float = Field(24, ge=0)
 
     webhook_secret: SecretStr | None = None
+    callback_retry_base_seconds: float = Field(5, gt=0)
+    callback_retry_max_seconds: float = Field(600, gt=0)
+    callback_give_up_hours: float = Field(6, ge=1)
     log_json: bool = False
     log_level: str = "INFO"
     key_prefix: str = Field("orch:", min_length=1)

@@ -55,7 +55,8 @@ def spawn_agent(self: Any, spec: Any = None, run_agent_id: str | None = None) ->
     result = execute(f, run_agent_id, worker=self.request.hostname or "unknown")
     if result is None:
         raise Ignore()  # held, waiting for a slot, or owned by another delivery: tracked in Valkey, not lost
-    ops.queue_callback(f, result)
+    if ops.queue_callback(f, result):
+        app.send_task("orchestrator.ops.deliver_callbacks", queue="ops")  # deliver now, off the agents queue
     return result.to_json()
 
 
