@@ -158,6 +158,11 @@ class Keys:
         return f"{self.prefix}outbox:{agent_id}"
 
     @property
+    def stats(self) -> str:
+        """Hash: fleet counters (sweep runs, recoveries, finished agents by status, gate results)."""
+        return f"{self.prefix}stats"
+
+    @property
     def outbox_stats(self) -> str:
         """Hash: delivered / failed_attempts counters of the outbox."""
         return f"{self.prefix}outbox:stats"

@@ -65,6 +65,12 @@ def health_sweep(fleet: Fleet, now: float | None = None) -> dict[str, Any]:
             failed.append(agent_id)
     overdue = enforce_deadlines(fleet, moment)
     woken = wake_waiters(fleet)
+    pipe = fleet.r.pipeline()
+    pipe.hincrby(fleet.keys.stats, "sweep_runs", 1)
+    pipe.hincrby(fleet.keys.stats, "recoveries", len(recovered))
+    pipe.hincrby(fleet.keys.stats, "recoveries_given_up", len(failed))
+    pipe.hset(fleet.keys.stats, "last_sweep_at", str(moment))
+    pipe.execute()
     return {"stale": len(stale), "recovered": recovered, "failed": failed, "expired_reservations": expired,
             "overdue": overdue, "woken": woken, "seconds": round(time.perf_counter() - started, 4)}
 

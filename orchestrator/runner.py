@@ -350,6 +350,11 @@ class AgentRun:
             warnings=self.warnings,
         )
         self.fleet.store.finish(self.agent_id, result, self.fence)
+        pipe = self.fleet.r.pipeline()
+        pipe.hincrby(self.fleet.keys.stats, f"finished:{status.value}", 1)
+        for gate in gates:
+            pipe.hincrby(self.fleet.keys.stats, "gates_passed" if gate.passed else "gates_failed", 1)
+        pipe.execute()
         if status == State.KILLED:
             Killswitch(self.fleet.r, self.fleet.keys).record_stop(self.agent_id, error or "")
         log.info("agent %s finished: %s", self.agent_id, status.value)
