@@ -19,10 +19,12 @@ from orchestrator.budget import AgentLedger
 from orchestrator.fleet import Fleet
 from orchestrator.gates import gate_feedback, run_gates
 from orchestrator.killswitch import Killswitch
+from orchestrator.logs import set_agent_context
 from orchestrator.models import AgentResult, AgentSpec, GateResult, Rejection, State, Usage, iso, utcnow, validate_spec
+from orchestrator.settings import redact_text
 from orchestrator.store import StaleFence
 from orchestrator.supervisor import Supervisor
-from orchestrator.workspace import WorkspaceError, Worktree, redact_text
+from orchestrator.workspace import WorkspaceError, Worktree
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +84,11 @@ def execute(fleet: Fleet, agent_id: str, worker: str) -> AgentResult | None:
         if not _admit(fleet, agent_id, spec, fence):
             return None
         run = AgentRun(fleet, rec, spec, worker, holder, fence)
+        set_agent_context(agent_id, spec.task_id)
         try:
             return run.run()
         finally:
+            set_agent_context(None, None)
             fleet.budget.release_slot(agent_id)
             wake_waiters(fleet)
     except StaleFence:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import zoneinfo
 from functools import lru_cache
@@ -127,3 +128,11 @@ def redact_url(url: str) -> str:
     user = parts.username if parts.password is not None else None
     netloc = f"{user}:***@{host}" if user else f"***@{host}"
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+_URL_RE = re.compile(r"\b([a-z][a-z0-9+.-]*://[^\s'\"]+)", re.IGNORECASE)
+
+
+def redact_text(text: str) -> str:
+    """Text with the credentials of every URL in it replaced by ``***``."""
+    return _URL_RE.sub(lambda m: redact_url(m.group(1)), text)

@@ -12,7 +12,6 @@ import contextlib
 import fcntl
 import hashlib
 import os
-import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,19 +20,13 @@ from pathlib import Path
 
 import git
 
-from orchestrator.settings import redact_url
+from orchestrator.settings import redact_text, redact_url
 
 GIT_ENV = {"GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "/bin/true", "GIT_SSH_COMMAND": "ssh -o BatchMode=yes"}
-_URL_RE = re.compile(r"\b([a-z][a-z0-9+.-]*://[^\s'\"]+)", re.IGNORECASE)
 
 
 class WorkspaceError(RuntimeError):
     """A git operation failed; the message carries no credentials."""
-
-
-def redact_text(text: str) -> str:
-    """Text with the credentials of every URL in it replaced by ``***``."""
-    return _URL_RE.sub(lambda m: redact_url(m.group(1)), text)
 
 
 @dataclass(frozen=True)
