@@ -52,7 +52,6 @@ class Settings(BaseSettings):
 
     shell_timeout_seconds: float = Field(300, gt=0)
     tool_output_limit: int = Field(30_000, ge=1000)
-    max_prompt_chars: int = Field(200_000, ge=1)
     worktree_retention_hours: float = Field(24, ge=0)
 
     webhook_secret: SecretStr | None = None
