@@ -21,6 +21,7 @@ from orchestrator.gates import gate_feedback, run_gates
 from orchestrator.killswitch import Killswitch
 from orchestrator.logs import set_agent_context
 from orchestrator.models import AgentResult, AgentSpec, GateResult, Rejection, State, Usage, iso, utcnow, validate_spec
+from orchestrator.pricing import price_for
 from orchestrator.settings import redact_text
 from orchestrator.store import StaleFence
 from orchestrator.supervisor import Supervisor
@@ -234,6 +235,9 @@ class AgentRun:
                                 started_at=started_at, heartbeat_at=iso(utcnow()))
         self.fleet.r.zadd(self.fleet.keys.heartbeats, {self.agent_id: time.time()})
         self.fleet.r.zadd(self.fleet.keys.deadlines, {self.agent_id: deadline})
+        if not price_for(self.model_name)[1]:
+            self.warn(f"model {self.model_name!r} has no price in the table: its cost is estimated at the fallback "
+                      "(most expensive) tier")
         supervisor = Supervisor(
             self.fleet.r, self.fleet.keys, self.agent_id, interval=self.s.heartbeat_interval_seconds,
             beat=self.beat, stop=self.request_stop, deadline=deadline,
