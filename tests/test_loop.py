@@ -147,3 +147,20 @@ def test_stop_cuts_a_call_before_any_response_header(harness: Harness, offline: 
     assert stop.value.status == State.KILLED
     assert time.monotonic() - started < 3
     assert harness.budget.day_totals()["reserved"] == 0
+
+
+def test_unreachable_ledger_fails_closed_without_a_model_call(offline: OfflineModel, sample_repo: Path) -> None:
+    import redis
+
+    from orchestrator.testing.cluster import free_port
+
+    h = Harness(offline, sample_repo)
+    try:
+        dead = redis.Redis(port=free_port(), decode_responses=True, socket_connect_timeout=0.2)
+        h.budget = Budget(dead, h.settings)
+        with pytest.raises(StopRun) as stop:
+            h.loop().run(fresh())
+        assert stop.value.status == State.FAILED and "fail closed" in stop.value.reason
+        assert offline.calls() == []  # no reservation, no call
+    finally:
+        h.close()
