@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import anthropic
 import redis
@@ -18,8 +19,12 @@ from orchestrator.workspace import Workspace
 Enqueue = Callable[[str], None]
 
 
+@lru_cache(maxsize=1)
 def default_anthropic() -> anthropic.Anthropic:
-    """The SDK client; it reads ANTHROPIC_API_KEY and ANTHROPIC_BASE_URL itself. Our loop is the retry layer."""
+    """The process's SDK client (one connection pool, reused by every run in the process).
+
+    It reads ANTHROPIC_API_KEY and ANTHROPIC_BASE_URL itself; retries are off because our loop is the retry layer.
+    """
     return anthropic.Anthropic(max_retries=0)
 
 

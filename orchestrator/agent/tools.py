@@ -223,6 +223,14 @@ def _has_exited(pid: int) -> bool:
         return True
 
 
+def _open_pidfd(pid: int) -> int | None:
+    """A pidfd for ``pid`` (readable once it exits), or None where the kernel has none."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
 def _killpg(pgid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
@@ -508,33 +516,48 @@ class Toolbox:
         )
 
     def _pump(self, pid: int, fd: int, capture: _OutputCapture, timeout: float) -> _Outcome:
-        """Collect output until the leader exits (plus a short grace), the timeout, or a kill."""
+        """Collect output until the leader exits (plus a short grace), the timeout, or a kill.
+
+        The leader's exit is watched through a pidfd in the same selector as its output, so a command that has
+        finished is noticed at once rather than at the next poll.
+        """
         deadline = time.monotonic() + timeout
         grace_end: float | None = None
         eof = False
+        pidfd = _open_pidfd(pid)
         with selectors.DefaultSelector() as selector:
-            selector.register(fd, selectors.EVENT_READ)
-            while True:
-                if self._killed:
-                    return "killed"
-                now = time.monotonic()
-                if grace_end is None and _has_exited(pid):
-                    if eof:
+            selector.register(fd, selectors.EVENT_READ, "out")
+            if pidfd is not None:
+                selector.register(pidfd, selectors.EVENT_READ, "exit")
+            try:
+                while True:
+                    if self._killed:
+                        return "killed"
+                    now = time.monotonic()
+                    if grace_end is None and _has_exited(pid):
+                        if eof:
+                            return "exited"
+                        grace_end = now + _EXIT_GRACE
+                        if pidfd is not None:
+                            selector.unregister(pidfd)
+                    if grace_end is not None and now >= grace_end:
                         return "exited"
-                    grace_end = now + _EXIT_GRACE
-                if grace_end is not None and now >= grace_end:
-                    return "exited"
-                if now >= deadline:
-                    return "timeout"
-                wake = deadline if grace_end is None else min(deadline, grace_end)
-                wait = max(0.0, min(wake - now, _POLL_INTERVAL))
-                if eof:  # output closed but the leader still runs: just poll for its exit
-                    time.sleep(min(wait, 0.01))
-                elif selector.select(wait) and not _read_available(fd, capture):
-                    eof = True
-                    selector.unregister(fd)
-                    if grace_end is not None:
-                        return "exited"
+                    if now >= deadline:
+                        return "timeout"
+                    wake = deadline if grace_end is None else min(deadline, grace_end)
+                    wait = max(0.0, min(wake - now, _POLL_INTERVAL))
+                    if eof and pidfd is None:  # no pidfd: poll for the leader's exit
+                        time.sleep(min(wait, 0.01))
+                        continue
+                    for key, _ in selector.select(wait):
+                        if key.data == "out" and not _read_available(fd, capture):
+                            eof = True
+                            selector.unregister(fd)
+                            if grace_end is not None:
+                                return "exited"
+            finally:
+                if pidfd is not None:
+                    os.close(pidfd)
 
     # -- editor ---------------------------------------------------------------------------------------------
 
