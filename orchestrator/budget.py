@@ -67,10 +67,11 @@ return {1, out, headroom}
 """
 
 # KEYS: reservations, reservation ; ARGV: res_id, used_tokens, cost_micro, prefix, ttl
-# Idempotent: a reservation settles or is released once; later calls find nothing and return 0.
+# Idempotent: a reservation settles or is released once; later calls find nothing and return {0}.
+# Returns {1, agent used, day used} so the caller can check thresholds without another round trip.
 _SETTLE = """
 local amount = tonumber(redis.call('HGET', KEYS[2], 'amount') or '-1')
-if amount < 0 then return 0 end
+if amount < 0 then return {0} end
 local day = redis.call('HGET', KEYS[2], 'day')
 local agent = redis.call('HGET', KEYS[2], 'agent')
 local p = ARGV[4]
@@ -88,7 +89,9 @@ if used > 0 then
   redis.call('INCRBY', ck, tonumber(ARGV[3]))
   redis.call('EXPIRE', ck, tonumber(ARGV[5]))
 end
-return 1
+local agent_used = tonumber(redis.call('GET', p .. 'budget:agent:' .. agent .. ':used') or '0')
+local day_used = tonumber(redis.call('GET', p .. 'budget:day:' .. day .. ':used') or '0')
+return {1, agent_used, day_used}
 """
 
 # KEYS: slots ; ARGV: agent, limit, now, lease_until, force
@@ -174,10 +177,15 @@ class Budget:
 
     def settle(self, reservation_id: str, usage: Usage, cost_micro: int) -> bool:
         """Replace a reservation by real usage; False if it was already settled or released."""
-        return bool(self._settle(
+        return self.settle_totals(reservation_id, usage, cost_micro) is not None
+
+    def settle_totals(self, reservation_id: str, usage: Usage, cost_micro: int) -> tuple[int, int] | None:
+        """Settle, returning the agent's and the day's used tokens after it (None if already settled)."""
+        out = cast(list[int], self._settle(
             keys=[self.keys.reservations, self.keys.reservation(reservation_id)],
             args=[reservation_id, usage.total_tokens, cost_micro, self.keys.prefix, DAY_KEY_TTL_SECONDS],
         ))
+        return (int(out[1]), int(out[2])) if out[0] else None
 
     def release(self, reservation_id: str) -> bool:
         """Drop a reservation without charging it."""
@@ -297,11 +305,12 @@ class AgentLedger:
 
     def settle(self, reservation: Any, usage: Usage) -> None:
         """Charge the call's real usage and warn once per threshold crossed."""
-        self.budget.settle(reservation.id, usage, cost_micro_usd(
+        totals = self.budget.settle_totals(reservation.id, usage, cost_micro_usd(
             self.model, usage.input_tokens, usage.output_tokens,
             usage.cache_creation_input_tokens, usage.cache_read_input_tokens))
         self.open = None
-        self._check_thresholds()
+        if totals is not None:
+            self._check_thresholds(*totals)
 
     def release_open(self) -> None:
         """Release a reservation left open by a failure path (idempotent)."""
@@ -309,9 +318,7 @@ class AgentLedger:
             self.budget.release(self.open.id)
             self.open = None
 
-    def _check_thresholds(self) -> None:
-        used = self.budget.agent_used(self.agent_id)
-        day = self.budget.day_totals()["used"]
+    def _check_thresholds(self, used: int, day: int) -> None:
         s = self.budget.s
         for scope, value, limit in (("agent", used, self.agent_limit), ("daily", day, s.daily_token_limit)):
             status = status_for(value, limit, s.budget_warning_percent)

@@ -319,8 +319,8 @@ class AgentRun:
     def _save_checkpoint(self, cp: Checkpoint) -> None:
         self.checkpoint = cp
         self.last_progress = time.time()
-        self.fleet.store.save_checkpoint(self.agent_id, cp.to_json(), self.fence)
-        self.fleet.store.update(self.agent_id, self.fence, turns=cp.turns, usage=cp.usage.model_dump())
+        self.fleet.store.save_checkpoint(self.agent_id, cp.to_json(), self.fence, turns=cp.turns,
+                                         usage=cp.usage.model_dump())
 
     def _progress(self, cp: Checkpoint) -> None:
         self.checkpoint = cp

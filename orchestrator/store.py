@@ -27,6 +27,14 @@ redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 return 1
 """
 
+# KEYS: checkpoint, record, fence ; ARGV: token or '', checkpoint JSON, field, value, ...
+_FENCED_CHECKPOINT = """
+if ARGV[1] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+if #ARGV > 2 then redis.call('HSET', KEYS[2], unpack(ARGV, 3)) end
+return 1
+"""
+
 RECORD_FIELDS = (
     "agent_id", "task_id", "state", "worker", "turns", "usage", "heartbeat_at", "started_at", "finished_at",
     "branch", "commit", "error",
@@ -62,6 +70,7 @@ class AgentStore:
         self.r = r
         self.keys = keys
         self._fenced_hset = r.register_script(_FENCED_HSET)
+        self._fenced_checkpoint = r.register_script(_FENCED_CHECKPOINT)
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> AgentStore:
@@ -166,11 +175,15 @@ class AgentStore:
         self.r.sadd(self.keys.agents_active, agent_id)
 
     # -- checkpoints ----------------------------------------------------------------------------------
-    def save_checkpoint(self, agent_id: str, checkpoint: Mapping[str, Any], fence: int | None = None) -> None:
-        """Store the transcript after a completed turn (fenced like every run write)."""
-        if fence is not None and self.r.get(self.keys.fence(agent_id)) != str(fence):
+    def save_checkpoint(self, agent_id: str, checkpoint: Mapping[str, Any], fence: int | None = None,
+                        **fields: Any) -> None:
+        """Store the transcript (and record fields) after a completed turn, in one fenced step."""
+        args: list[str] = ["" if fence is None else str(fence), json.dumps(checkpoint)]
+        for name, value in fields.items():
+            args += [name, json.dumps(value)]
+        keys = [self.keys.checkpoint(agent_id), self.keys.agent(agent_id), self.keys.fence(agent_id)]
+        if not self._fenced_checkpoint(keys=keys, args=args):
             raise StaleFence(f"agent {agent_id}: fencing token {fence} is stale")
-        self.r.set(self.keys.checkpoint(agent_id), json.dumps(checkpoint))
 
     def load_checkpoint(self, agent_id: str) -> dict[str, Any] | None:
         """The last checkpoint, or None for a fresh agent."""

@@ -207,7 +207,6 @@ class AgentLoop:
         cp.last_call_tokens = reply.usage.total_tokens
         cp.last_call_messages = len(cp.messages)
         self.on_checkpoint(cp)
-        self.on_progress(cp)
         return reply.stop_reason
 
     @staticmethod
