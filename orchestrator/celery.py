@@ -6,6 +6,8 @@ same configuration from here, transport options included, so none of them can di
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
 from celery import Celery
@@ -13,6 +15,7 @@ from celery.app.control import Control
 from kombu.entity import Exchange, Queue
 
 from beat_schedule import build_schedule
+from orchestrator.flower_guard import check_flower_auth
 from orchestrator.settings import get_settings
 
 AGENTS_QUEUE = "agents"
@@ -20,6 +23,11 @@ OPS_QUEUE = "ops"
 SPAWN_TASK = "orchestrator.spawn_agent"
 
 settings = get_settings()
+
+# `celery -A orchestrator flower` without authentication would serve an open dashboard that can revoke tasks and
+# shut down workers: refuse unless ORCHESTRATOR_FLOWER_ALLOW_UNAUTHENTICATED says so explicitly.
+if (_flower_refusal := check_flower_auth(sys.argv, os.environ, settings.flower_allow_unauthenticated)) is not None:
+    sys.exit(_flower_refusal)
 
 # The Redis transport redelivers an unacknowledged message after `visibility_timeout` (celery #5935). An agent
 # may run for the whole duration limit, and acks are late, so the timeout must exceed the longest run with room

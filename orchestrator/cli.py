@@ -268,6 +268,15 @@ def follow(fleet: Fleet, task_id: str, async_result: Any, quiet: bool = False,
     raise TimeoutError(f"no result for task {task_id} within {timeout}s")
 
 
+def cmd_metrics(args: argparse.Namespace) -> int:
+    """Serve Prometheus metrics of the whole fleet (read from Valkey on each scrape)."""
+    from orchestrator.metrics import serve
+
+    err.print(f"serving fleet metrics on http://{args.host}:{args.port}/metrics (Ctrl-C stops)")
+    serve(args.port, args.host)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser."""
     p = argparse.ArgumentParser(prog="orchestrator", description="Operate the agent fleet.")
@@ -331,6 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
     cb = sub.add_parser("callbacks", help="pending and undeliverable result callbacks")
     cb.add_argument("--json", action="store_true")
     cb.set_defaults(func=cmd_callbacks)
+
+    m = sub.add_parser("metrics", help="serve Prometheus metrics of the whole fleet")
+    m.add_argument("--port", type=int, default=9108)
+    m.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
+    m.set_defaults(func=cmd_metrics)
 
     d = sub.add_parser("demo", help="run the whole fleet locally on a sample repository")
     d.set_defaults(func=lambda args: __import__("orchestrator.demo", fromlist=["main"]).main())

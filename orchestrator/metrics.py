@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 from orchestrator.fleet import Fleet
 from orchestrator.killswitch import Killswitch
 from orchestrator.models import State
+from orchestrator.ops import outbox
 from orchestrator.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -128,8 +129,6 @@ class FleetCollector(Collector):
         for result in ("passed", "failed"):
             gates.add_metric([result], int(stats.get(f"gates_{result}", 0)))
         yield gates
-
-        from orchestrator.ops import outbox  # ops imports the runner: only load it when scraping
 
         box = outbox(f)
         out_stats = cast(dict[str, str], f.r.hgetall(f.keys.outbox_stats))

@@ -41,6 +41,7 @@ def intake(fleet: Fleet, raw: Any, celery_task_id: str | None) -> AgentResult | 
     now = iso(utcnow())
     if isinstance(parsed, Rejection):
         fleet.store.reject(parsed)
+        fleet.r.hincrby(fleet.keys.stats, f"finished:{State.REJECTED.value}", 1)
         log.warning("rejected spec (task_id=%s): %s", parsed.task_id, parsed.summary())
         meta = raw.get("metadata") if isinstance(raw, dict) else None
         metadata: dict[str, Any] = meta if isinstance(meta, dict) else {}
@@ -52,6 +53,7 @@ def intake(fleet: Fleet, raw: Any, celery_task_id: str | None) -> AgentResult | 
     existing = fleet.store.get(agent_id) or {}
     if celery_task_id and existing.get("celery_task_id") == celery_task_id:
         return agent_id  # the same message delivered again: not a new spec; the lease decides who runs
+    fleet.r.hincrby(fleet.keys.stats, f"finished:{State.DUPLICATE.value}", 1)
     return AgentResult(agent_id=agent_id, task_id=parsed.task_id, status=State.DUPLICATE,
                        branch=existing.get("branch"), error=f"task_id {parsed.task_id!r} already has agent {agent_id}",
                        started_at=now, finished_at=now, metadata=parsed.metadata)
@@ -359,7 +361,6 @@ class AgentRun:
         )
         self.fleet.store.finish(self.agent_id, result, self.fence)
         pipe = self.fleet.r.pipeline()
-        pipe.hincrby(self.fleet.keys.stats, f"finished:{status.value}", 1)
         for gate in gates:
             pipe.hincrby(self.fleet.keys.stats, "gates_passed" if gate.passed else "gates_failed", 1)
         pipe.execute()

@@ -59,6 +59,7 @@ class Settings(BaseSettings):
     callback_retry_max_seconds: float = Field(600, gt=0)
     callback_give_up_hours: float = Field(6, ge=1)
     log_json: bool = False
+    flower_allow_unauthenticated: bool = False
     log_level: str = "INFO"
     key_prefix: str = Field("orch:", min_length=1)
 

@@ -161,6 +161,7 @@ class AgentStore:
             worker=result.worker,
         )
         pipe = self.r.pipeline()
+        pipe.hincrby(self.keys.stats, f"finished:{result.status.value}", 1)
         pipe.srem(self.keys.agents_active, agent_id)
         pipe.zrem(self.keys.heartbeats, agent_id)
         pipe.zrem(self.keys.deadlines, agent_id)
