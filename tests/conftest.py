@@ -5,6 +5,7 @@ A missing valkey-server fails the run (it never skips): the fleet is only tested
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -140,6 +141,13 @@ class Cluster:
     def stop(self) -> None:
         for p in self.procs:
             p.stop()
+        # Close the result consumer's pub/sub while Valkey still runs: otherwise AsyncResult.__del__ at interpreter
+        # exit tries to unsubscribe through a dead connection and raises an unraisable error.
+        consumer = getattr(self.coordinator.backend, "result_consumer", None)
+        if consumer is not None:
+            with contextlib.suppress(Exception):
+                consumer.stop()
+            consumer.subscribed_to.clear()  # nothing left to unsubscribe from later
         self.coordinator.close()
 
 

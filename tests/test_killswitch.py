@@ -102,8 +102,8 @@ def test_worker_started_after_engage_runs_nothing(cluster: Cluster, sample_repo:
 
 def test_kill_agent_stops_one_and_leaves_the_others(cluster: Cluster, sample_repo: Path,
                                                     offline: OfflineModel) -> None:
-    offline.add_script("steady", Script([Turn(SLOW_TEXT, chunk_delay=0.6), bash("echo step >> steps.txt"),
-                                         Turn(SLOW_TEXT, chunk_delay=0.6), text_turn("done")]))
+    offline.add_script("steady", Script([Turn(SLOW_TOOL, chunk_delay=0.6), Turn(SLOW_TOOL, chunk_delay=0.6),
+                                         Turn(SLOW_TOOL, chunk_delay=0.6), text_turn("done")]))
     cluster.worker(concurrency=3)
     pending = {i: cluster.submit({"task_id": f"k-{i}", "prompt": "[[script:steady]] go", "repo": str(sample_repo)})
                for i in range(3)}
