@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -208,3 +209,33 @@ def test_sweep_finds_the_few_stale_among_ten_thousand(valkey: Valkey, tmp_path: 
     assert all(fleet.store.get(a)["state"] == "recovering" for a in stale)  # type: ignore[index]
     again = health_sweep(fleet, now=now)  # a second beat right after finds nothing to do
     assert again["recovered"] == [] and len(enqueued) == 5
+
+
+def test_cleanup_removes_old_finished_worktrees_but_never_a_leased_one(valkey: Valkey, tmp_path: Path) -> None:
+    from orchestrator.models import AgentResult, AgentSpec, State
+    from orchestrator.ops import cleanup_worktrees
+    from orchestrator.testing.sample_repo import make_sample_repo
+
+    repo = make_sample_repo(tmp_path / "repo")
+    settings = Settings(_env_file=None, broker_url=valkey.url, workspace_dir=tmp_path / "ws",  # type: ignore[call-arg]
+                        worktree_retention_hours=1)
+    fleet = Fleet.create(settings, r=valkey.client())
+    ids = {}
+    for name in ("old", "fresh", "leased", "killed"):
+        agent_id, _ = fleet.store.create(AgentSpec(task_id=name, prompt="p", repo=str(repo)), None)
+        fleet.workspace.prepare(agent_id, str(repo), "main", f"agent/{agent_id}")
+        ids[name] = agent_id
+    now = time.time()
+    long_ago = "2020-01-01T00:00:00+00:00"
+    for name, status, finished in (("old", State.COMPLETED, long_ago), ("fresh", State.COMPLETED, None),
+                                   ("leased", State.COMPLETED, long_ago), ("killed", State.KILLED, long_ago)):
+        result = AgentResult(agent_id=ids[name], task_id=name, status=status,
+                             finished_at=finished or datetime.now(UTC).isoformat())
+        fleet.store.finish(ids[name], result)
+    assert fleet.leases.acquire(ids["leased"], "someone", 60) is not None
+    report = cleanup_worktrees(fleet, now=now)
+    assert report["removed"] == [ids["old"]]
+    assert not fleet.workspace.worktree_path(ids["old"]).exists()
+    for name in ("fresh", "leased", "killed"):
+        assert fleet.workspace.worktree_path(ids[name]).exists(), name
+    assert report["disk_bytes"] > 0
