@@ -93,14 +93,15 @@ def execute(fleet: Fleet, agent_id: str, worker: str) -> AgentResult | None:
         finally:
             set_agent_context(None, None)
             fleet.budget.release_slot(agent_id)
-            wake_waiters(fleet)
     except StaleFence:
         log.warning("agent %s: lease lost to a newer run; this worker writes nothing more", agent_id)
         return None
     finally:
+        # Only once the lease is free may this agent (handed back, or just parked) be delivered again.
         fleet.leases.release(agent_id, holder, fence)
         if run is not None and run.handed_back:
-            fleet.enqueue(agent_id)  # after the lease is free, so the next delivery can take it
+            fleet.enqueue(agent_id)
+        wake_waiters(fleet)
 
 
 def finish_unstarted(fleet: Fleet, rec: dict[str, Any], status: State, error: str) -> AgentResult:
@@ -128,9 +129,7 @@ def _admit(fleet: Fleet, agent_id: str, spec: AgentSpec, fence: int) -> bool:
     fleet.r.zadd(fleet.keys.waiting, {agent_id: -spec.priority * 1e10 + time.time()})
     fleet.store.update(agent_id, fence, state=State.QUEUED.value)
     fleet.store.add_event(agent_id, "waiting", "no free concurrency slot: waiting in the queue")
-    if budget.running() < fleet.settings.max_concurrent_agents:
-        wake_waiters(fleet)  # a slot freed meanwhile: do not lose the wake-up
-    return False
+    return False  # execute() wakes waiters after releasing the lease, so a slot freed meanwhile is not lost
 
 
 def wake_waiters(fleet: Fleet) -> int:
