@@ -33,7 +33,7 @@ if (_flower_refusal := check_flower_auth(sys.argv, os.environ, settings.flower_a
 # may run for the whole duration limit, and acks are late, so the timeout must exceed the longest run with room
 # to spare; duplicate deliveries that still happen (a crashed worker, a forced redelivery) are stopped by the
 # run lease and its fencing token, not by this number.
-VISIBILITY_TIMEOUT = settings.max_task_duration_minutes * 60 * 2 + 3600
+VISIBILITY_TIMEOUT = int(settings.max_task_duration_minutes * 60 * 2) + 3600
 
 transport_options = {
     "visibility_timeout": VISIBILITY_TIMEOUT,
@@ -100,7 +100,7 @@ app.conf.update(
     task_routes={SPAWN_TASK: {"queue": AGENTS_QUEUE}, "orchestrator.ops.*": {"queue": OPS_QUEUE}},
     task_default_priority=0,
     # The agent loop enforces time itself (and commits work); Celery's hard limit is only a backstop.
-    task_time_limit=settings.max_task_duration_minutes * 60 + 1800,
+    task_time_limit=int(settings.max_task_duration_minutes * 60) + 1800,
     worker_hijack_root_logger=False,
     timezone=settings.timezone,
     enable_utc=True,

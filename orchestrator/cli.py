@@ -45,7 +45,9 @@ def _enqueue(agent_id: str) -> None:
 
 
 def _fleet() -> Fleet:
-    return Fleet.create(enqueue=_enqueue)
+    # An operator's command should say at once that Valkey is down, not retry for a minute like a worker does.
+    settings = get_settings().model_copy(update={"valkey_retry_seconds": 1.0})
+    return Fleet.create(settings, enqueue=_enqueue)
 
 
 def _tokens(rec: dict[str, Any]) -> int:

@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     daily_token_limit: int = Field(10_000_000, ge=1)
     agent_token_limit: int = Field(2_000_000, ge=1)
     max_concurrent_agents: int = Field(10, ge=1)
-    max_task_duration_minutes: int = Field(120, ge=1, le=7 * 24 * 60)
+    max_task_duration_minutes: float = Field(120, gt=0, le=7 * 24 * 60)
     budget_enforcement: Literal["hard", "soft"] = "hard"
     budget_warning_percent: int = Field(80, ge=1, le=100)
     timezone: str = "UTC"

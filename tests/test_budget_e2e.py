@@ -134,3 +134,26 @@ def test_budget_json_shape(cluster: Cluster) -> None:
     assert doc["daily"] == {**doc["daily"], "limit": 10_000_000, "used": 0, "percent": 0.0, "status": "within_budget"}
     assert doc["concurrency"]["limit"] == 10 and doc["concurrency"]["running"] == 0
     assert doc["agents"] == []
+
+
+def test_hard_duration_limit_stops_the_agent_with_its_work_committed(cluster: Cluster, sample_repo: Path,
+                                                                     offline: OfflineModel) -> None:
+    offline.add_script("long", Script([bash("echo started > started.txt"),
+                                       Turn([{"type": "text", "text": "x" * 400},
+                                             {"type": "tool_use", "name": "bash", "input": {"command": "sleep 600"}}],
+                                            chunk_delay=0.1)], repeat_last=True))
+    cluster.worker(max_task_duration_minutes=0.05)  # 3 seconds
+    started = time.monotonic()
+    result = cluster.submit({"task_id": "slow-1", "prompt": "[[script:long]] go", "repo": str(sample_repo)})
+    result = result.get(timeout=60)
+    assert result["status"] == "timed_out" and "duration" in result["error"]
+    assert time.monotonic() - started < 20
+    assert "started.txt" in git(mirror_of(cluster.workspace), "ls-tree", "--name-only", result["commit"])
+
+
+def test_cli_says_what_to_do_when_valkey_is_down(cluster: Cluster) -> None:
+    from orchestrator.testing.cluster import free_port
+
+    proc = cluster.cli("agents", check=False, state_url=f"redis://127.0.0.1:{free_port()}/0")
+    assert proc.returncode == 2
+    assert "cannot reach Valkey at redis://127.0.0.1:" in proc.stderr and "valkey-server" in proc.stderr
