@@ -650,7 +650,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self._stream(call, model_name, turn, plan)
             else:
                 self._wait(turn.delay, ping=False)
-                owner._update(call, usage=_with_total(plan.usage))
+                # Logged as completed before the last byte goes out, so a client that has its answer never
+                # sees the call still "open" in the log (a failed write below turns it into client_closed).
+                owner._update(call, usage=_with_total(plan.usage), status="completed", finished_at=time.time())
                 message = self._message(model_name, plan.content, plan.stop_reason, plan.usage)
                 try:
                     self._send_json(200, message)
@@ -742,7 +744,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "usage": {"output_tokens": plan.usage["output_tokens"]},
             },
         )
-        owner._update(call, usage=_with_total(plan.usage))
+        owner._update(call, usage=_with_total(plan.usage), status="completed", finished_at=time.time())
         send("message_stop", {})
         self._write(b"0\r\n\r\n")  # end of the chunked body
 
