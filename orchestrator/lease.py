@@ -63,6 +63,11 @@ class Leases:
         """Give the lease back (only if still ours)."""
         self._release(keys=[self.keys.lease(agent_id)], args=[holder, token])
 
+    def seconds_left(self, agent_id: str) -> float:
+        """Seconds until the agent's lease expires (0 when nobody holds it)."""
+        ms = int(self.r.pttl(self.keys.lease(agent_id)))
+        return ms / 1000 if ms > 0 else 0.0
+
     def holder(self, agent_id: str) -> str | None:
         """Who holds the lease now, if anyone."""
         value = self.r.get(self.keys.lease(agent_id))

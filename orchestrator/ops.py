@@ -56,8 +56,11 @@ def health_sweep(fleet: Fleet, now: float | None = None) -> dict[str, Any]:
     for agent_id in stale:
         if not fleet.r.zrem(fleet.keys.heartbeats, agent_id):
             continue  # another sweeper claimed it
-        if fleet.leases.holder(agent_id) is not None:
-            fleet.r.zadd(fleet.keys.heartbeats, {agent_id: moment})  # lease still live: not dead yet
+        lease_left = fleet.leases.seconds_left(agent_id)
+        if lease_left > 0:
+            # Its lease is still live (it died between renewing the lease and beating, or it is slow): look again
+            # the moment the lease runs out, not a whole timeout later.
+            fleet.r.zadd(fleet.keys.heartbeats, {agent_id: moment - s.heartbeat_timeout_seconds + lease_left})
             continue
         if recover_agent(fleet, agent_id, "heartbeat older than the timeout: worker presumed dead"):
             recovered.append(agent_id)

@@ -112,12 +112,16 @@ class Workspace:
     def commit(self, wt: Worktree, message: str, author: str, email: str, base_branch: str) -> str | None:
         """Commit every change in the worktree; returns the branch head if the branch has commits of its own."""
         self._git(wt.path, "add", "-A")
-        if self._git(wt.path, "status", "--porcelain").strip():
-            ident = ["-c", f"user.name={author}", "-c", f"user.email={email}"]
+        ident = ["-c", f"user.name={author}", "-c", f"user.email={email}"]
+        try:
             self._git(wt.path, *ident, "commit", "--quiet", "--no-verify", "-m", message,
                       f"--author={author} <{email}>")
-        own = self._git(wt.path, "rev-list", "--count", f"refs/remotes/origin/{base_branch}..HEAD").strip()
-        return self._git(wt.path, "rev-parse", "HEAD").strip() if int(own or 0) > 0 else None
+        except WorkspaceError as exc:
+            if "nothing to commit" not in str(exc) and "nothing added to commit" not in str(exc):
+                raise
+        # The newest commit of the branch that its base does not have: HEAD, or nothing.
+        own = self._git(wt.path, "rev-list", "-1", f"refs/remotes/origin/{base_branch}..HEAD").strip()
+        return own or None
 
     def push(self, wt: Worktree) -> None:
         """Push the agent's branch to the repository's origin."""

@@ -46,14 +46,21 @@ def ledger_used(cluster: Cluster, agent_id: str) -> int:
         return int(r.get(f"orch:budget:agent:{agent_id}:used") or 0)
 
 
-def test_sigkilled_worker_agent_resumes_elsewhere_from_checkpoint(cluster: Cluster, sample_repo: Path,
-                                                                  offline: OfflineModel) -> None:
+def start_mid_run(cluster: Cluster, offline: OfflineModel, repo: Path, worker: str, task_id: str,
+                  **settings: Any) -> tuple[Worker, Any, str]:
+    """A worker running one five-turn agent, returned once the agent's third (slow) turn is streaming."""
     five_turns(offline, chunk_delay=1.0)
-    doomed = cluster.worker("doomed", concurrency=1, **FAST)
-    pending = cluster.submit({"task_id": "crash-1", "prompt": "[[script:five]] go", "repo": str(sample_repo)})
-    agent_id = cluster.agent_for("crash-1")
+    proc = cluster.worker(worker, concurrency=1, **settings)
+    pending = cluster.submit({"task_id": task_id, "prompt": "[[script:five]] go", "repo": str(repo)})
+    agent_id = cluster.agent_for(task_id)
     cluster.wait_for(lambda: 2 in turns_of(offline, agent_id) and offline.open_streams() == 1, timeout=30,
                      what="the third turn streaming")
+    return proc, pending, agent_id
+
+
+def test_sigkilled_worker_agent_resumes_elsewhere_from_checkpoint(cluster: Cluster, sample_repo: Path,
+                                                                  offline: OfflineModel) -> None:
+    doomed, pending, agent_id = start_mid_run(cluster, offline, sample_repo, "doomed", "crash-1", **FAST)
     cluster.worker("survivor", concurrency=1, **FAST)
     cluster.beat(**FAST)
     doomed.signal(signal.SIGKILL)  # the whole process group: main process and pool child
@@ -94,12 +101,7 @@ def test_same_task_delivered_twice_runs_once(cluster: Cluster, sample_repo: Path
 
 def test_frozen_worker_writes_nothing_after_it_thaws(cluster: Cluster, sample_repo: Path,
                                                     offline: OfflineModel) -> None:
-    five_turns(offline, chunk_delay=1.0)
-    frozen = cluster.worker("frozen", concurrency=1, **FAST)
-    pending = cluster.submit({"task_id": "freeze-1", "prompt": "[[script:five]] go", "repo": str(sample_repo)})
-    agent_id = cluster.agent_for("freeze-1")
-    cluster.wait_for(lambda: 2 in turns_of(offline, agent_id) and offline.open_streams() == 1, timeout=30,
-                     what="the third turn streaming")
+    frozen, pending, agent_id = start_mid_run(cluster, offline, sample_repo, "frozen", "freeze-1", **FAST)
     frozen.signal(signal.SIGSTOP)
     try:
         cluster.worker("thawed-out", concurrency=1, **FAST)
@@ -160,12 +162,8 @@ def test_valkey_restart_mid_run_loses_nothing(offline: OfflineModel, sample_repo
 
 
 def test_sigterm_hands_the_agent_back_at_once(cluster: Cluster, sample_repo: Path, offline: OfflineModel) -> None:
-    five_turns(offline, chunk_delay=1.0)
-    leaving = cluster.worker("leaving", concurrency=1)  # default 60 s heartbeat timeout: the sweep cannot help
-    pending = cluster.submit({"task_id": "term-1", "prompt": "[[script:five]] go", "repo": str(sample_repo)})
-    agent_id = cluster.agent_for("term-1")
-    cluster.wait_for(lambda: 2 in turns_of(offline, agent_id) and offline.open_streams() == 1, timeout=30,
-                     what="the third turn streaming")
+    # Default 60 s heartbeat timeout: the sweep cannot be what resumes it.
+    leaving, pending, agent_id = start_mid_run(cluster, offline, sample_repo, "leaving", "term-1")
     cluster.worker("staying", concurrency=1)
     leaving.signal(signal.SIGTERM, group=False)  # a warm shutdown, as on a redeploy
     terminated_at = time.time()
