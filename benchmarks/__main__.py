@@ -1,7 +1,7 @@
 """Run the benchmarks and print one table: ``python -m benchmarks [--quick] [--only NAME]... [--json PATH]``.
 
 Everything runs on loopback: a valkey-server, Celery prefork workers and the offline model, all started here and
-stopped before exit (also on failure, Ctrl-C or SIGTERM). A full run takes about a minute on 2 cores.
+stopped before exit (also on failure, Ctrl-C or SIGTERM). A full run takes about 3 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from datetime import date
 from pathlib import Path
 from types import ModuleType
 
-from benchmarks import bench_foundation
+from benchmarks import bench_budget, bench_foundation, bench_health, bench_killswitch
 from benchmarks.harness import Benchmark, Harness, Outcome, print_table, terminate_as_interrupt
 
 #: Benchmark modules, in run order; each exposes ``BENCHMARKS: list[Benchmark]``. Add new modules here.
-MODULES: list[ModuleType] = [bench_foundation]
+MODULES: list[ModuleType] = [bench_foundation, bench_budget, bench_killswitch, bench_health]
 
 
 def registry() -> list[Benchmark]:

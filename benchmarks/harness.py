@@ -27,20 +27,22 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 from celery import Celery
+from celery.result import AsyncResult
 from rich.console import Console
 from rich.table import Table
 
 from orchestrator.testing import offline_model
-from orchestrator.testing.cluster import Proc, Valkey, Worker, fleet_env, free_port
+from orchestrator.testing.cluster import Beat, Proc, Valkey, Worker, fleet_env, free_port
 from orchestrator.testing.offline_model import OfflineModel, Script
 from orchestrator.testing.sample_repo import make_sample_repo
 
 SPAWN_TASK = "orchestrator.spawn_agent"
 AGENTS_QUEUE = "agents"
+P = TypeVar("P", bound=Proc)
 
 
 # ------------------------------------------------------------------------------------------------ results
@@ -178,6 +180,17 @@ class ModelServer(Proc):
         with urllib.request.urlopen(f"{self.url}/_offline/calls", timeout=10) as response:
             calls: list[dict[str, Any]] = json.loads(response.read())
         return [c for c in calls if agent is None or c.get("agent") == agent]
+
+    def reset(self) -> None:
+        """Forget the server's call log (``POST /_offline/reset``)."""
+        request = urllib.request.Request(f"{self.url}/_offline/reset", data=b"{}", method="POST")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            response.read()
+
+    def open_streams(self, turn: int | None = None) -> int:
+        """Streaming calls in progress (optionally only those answering turn ``turn``), from the call log."""
+        return sum(1 for c in self.calls() if c.get("stream") and c.get("status") == "open"
+                   and (turn is None or c.get("turn") == turn))
 
 
 # ------------------------------------------------------------------------------------------------ harness
@@ -333,6 +346,77 @@ class Harness:
                 return value
             time.sleep(0.01)
         raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+    # -- more processes and helpers (killswitch and health benchmarks) -----------------------------------------
+    def env(self, model_url: str | None, **settings: Any) -> dict[str, str]:
+        """The environment of a fleet process on this run's Valkey and workspace (as :meth:`worker` builds it)."""
+        return fleet_env(self.valkey.url, self.tmp / "workspace", model_url,
+                         **{"heartbeat_interval_seconds": 1, **settings})
+
+    @contextlib.contextmanager
+    def started(self, make: Callable[[], P]) -> Iterator[P]:
+        """Own the process ``make()`` starts: it is stopped on exit, and by :meth:`close` whatever happens.
+
+        Unlike :meth:`worker` it does not wait for readiness, so several processes can start at once.
+        """
+        proc = make()
+        self._procs.append(proc)
+        try:
+            yield proc
+        finally:
+            proc.stop()
+            if proc in self._procs:
+                self._procs.remove(proc)
+
+    def queue_worker(self, model_url: str, name: str, concurrency: int, queues: str, **settings: Any) -> Worker:
+        """A prefork worker (not yet ready) on the given queues; start it with ``h.started(lambda: ...)``."""
+        n = next(self._ids)
+        return Worker(self.env(model_url, **settings), f"{name}{n}@%h", concurrency=concurrency, queues=queues,
+                      log_path=self.tmp / f"worker-{name}{n}.log")
+
+    @contextlib.contextmanager
+    def beat(self, **settings: Any) -> Iterator[Beat]:
+        """``celery beat`` with the fleet's schedule (intervals from ``settings``); stopped on exit."""
+        made: list[Beat] = []
+
+        def make() -> Beat:
+            made.append(Beat(self.env(None, **settings), log_path=self.tmp / f"beat-{next(self._ids)}.log"))
+            return made[-1]
+
+        try:
+            with self.started(make) as beat:
+                yield beat
+        finally:
+            for beat in made:  # Beat keeps its schedule file in a temp dir of its own
+                schedule = beat.argv[beat.argv.index("-s") + 1]
+                shutil.rmtree(Path(schedule).parent, ignore_errors=True)
+
+    def send(self, spec: Any) -> AsyncResult:
+        """``send_task`` without waiting (its own Celery task id); give the result to :meth:`forget` when done."""
+        result: AsyncResult = self.coordinator.send_task(SPAWN_TASK, kwargs={"spec": spec}, queue=AGENTS_QUEUE,
+                                                         task_id=self.unique("celery"))
+        return result
+
+    def forget(self, results: Sequence[AsyncResult]) -> None:
+        """Stop listening for these results (do it while Valkey is up; see :meth:`submit`)."""
+        for result in results:
+            with contextlib.suppress(Exception):
+                result.backend.remove_pending_result(result)
+
+    def flush_fleet_state(self, prefix: str = "orch:") -> int:
+        """Delete the fleet's keys (``prefix*``) but not Celery's queues and bindings: safe while idle workers
+        run, unlike :meth:`fresh_state`. Returns how many keys went."""
+        deleted = 0
+        with self.valkey.client() as c:
+            batch: list[str] = []
+            for key in c.scan_iter(match=f"{prefix}*", count=1000):
+                batch.append(key)
+                if len(batch) >= 1000:
+                    deleted += int(c.delete(*batch))
+                    batch.clear()
+            if batch:
+                deleted += int(c.delete(*batch))
+        return deleted
 
 
 @contextlib.contextmanager
