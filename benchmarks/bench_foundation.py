@@ -126,11 +126,11 @@ def bench_dispatch(h: Harness) -> list[Row]:
             percentile(trip_ms, 99), "nearest rank (the max below 100 samples)"),
         Row(name, "  of which send_task -> run start", median(start_ms), "ms", note="median; intake + re-enqueue"),
         Row(name, "  of which run start -> first request", median(rest_ms), "ms",
-            note="median; lease, slot, worktree, SDK client, count_tokens, reserve"),
+            note="median; lease, slot, worktree, count_tokens, reserve"),
         Row(name, "    part: Workspace.prepare (warm mirror)", median(prepare_ms), "ms",
             note="median, measured alone in this process: fetch + git worktree add"),
-        Row(name, "    part: anthropic.Anthropic() per run", median(client_ms), "ms",
-            note="median, measured alone: the runner builds a new SDK client for every run"),
+        Row(name, "    part: anthropic.Anthropic() construction", median(client_ms), "ms",
+            note="median, measured alone: paid once per worker process (the client is cached)"),
     ]
 
 
