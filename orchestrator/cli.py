@@ -26,7 +26,8 @@ from orchestrator.models import State
 from orchestrator.settings import get_settings, redact_url
 from orchestrator.store import public_record
 
-console = Console(stderr=False)
+# Piped output (scripts, logs) gets wide tables instead of rich's 80-column default, so ids never wrap.
+console = Console(stderr=False, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True)
 
 
@@ -56,8 +57,9 @@ def _tokens(rec: dict[str, Any]) -> int:
 
 def _agents_table(records: Sequence[dict[str, Any]]) -> Table:
     table = Table(title=f"{len(records)} agent(s)")
-    for col in ("agent", "task", "state", "worker", "turns", "tokens", "heartbeat", "branch", "error"):
-        table.add_column(col, overflow="fold")
+    for col in ("agent", "task", "state", "worker", "turns", "tokens", "heartbeat", "branch"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("error", overflow="fold")
     for rec in records:
         age = rec.get("heartbeat_age_seconds")
         table.add_row(rec["agent_id"], str(rec.get("task_id")), str(rec.get("state")), str(rec.get("worker") or "-"),

@@ -99,3 +99,16 @@ def test_spec_priority_is_honoured(cluster: Cluster, sample_repo: Path, offline:
     results = [p.get(timeout=60) for p in pending]
     order = [r["task_id"] for r in sorted(results, key=lambda r: r["started_at"])]
     assert order == ["p9", "p5", "p1"]
+
+
+def test_cli_submit_wait_prints_the_result(cluster: Cluster, sample_repo: Path, offline: OfflineModel) -> None:
+    cluster.worker()
+    proc = cluster.cli("submit", "--repo", str(sample_repo), "--prompt", "Fix the failing test.", "--task-id",
+                       "cli-1", "--gate", "python -m pytest -q", "--wait", "--json")
+    result = json.loads(proc.stdout)  # --json: exactly one JSON document on stdout
+    assert result["status"] == "completed" and result["task_id"] == "cli-1"
+    assert [(g["name"], g["passed"]) for g in result["gates"]] == [("gate-1", True)]
+    human = cluster.cli("agents", "--all")
+    assert result["agent_id"] in human.stdout and "completed" in human.stdout
+    shown = cluster.cli_json("show", "cli-1")  # show also takes the coordinator's task_id
+    assert shown["agent_id"] == result["agent_id"] and shown["result"] == result
