@@ -130,8 +130,17 @@ def recover_agent(fleet: Fleet, agent_id: str, reason: str) -> bool:
     fleet.store.update(agent_id, state=State.RECOVERING.value, recoveries=recoveries)
     fleet.store.add_event(agent_id, "recovering", f"{reason} (recovery {recoveries})")
     log.warning("recovering agent %s: %s", agent_id, reason)
-    fleet.enqueue(agent_id)
+    requeue(fleet, agent_id)
     return True
+
+
+def requeue(fleet: Fleet, agent_id: str) -> None:
+    """Enqueue an agent again; if the broker refuses, leave it for the next sweep rather than lose it."""
+    try:
+        fleet.enqueue(agent_id)
+    except Exception:
+        log.exception("could not enqueue agent %s; the next sweep retries", agent_id)
+        fleet.r.zadd(fleet.keys.heartbeats, {agent_id: 0})
 
 
 def budget_rollup(fleet: Fleet, now: float | None = None) -> dict[str, Any]:

@@ -100,7 +100,9 @@ def execute(fleet: Fleet, agent_id: str, worker: str) -> AgentResult | None:
         # Only once the lease is free may this agent (handed back, or just parked) be delivered again.
         fleet.leases.release(agent_id, holder, fence)
         if run is not None and run.handed_back:
-            fleet.enqueue(agent_id)
+            from orchestrator.ops import requeue  # ops builds on this module
+
+            requeue(fleet, agent_id)
         wake_waiters(fleet)
 
 

@@ -237,3 +237,23 @@ def test_cleanup_removes_old_finished_worktrees_but_never_a_leased_one(valkey: V
     for name in ("fresh", "leased", "killed"):
         assert fleet.workspace.worktree_path(ids[name]).exists(), name
     assert report["disk_bytes"] > 0
+
+
+def test_a_refused_re_enqueue_is_retried_by_the_next_sweep(valkey: Valkey, tmp_path: Path) -> None:
+    settings = Settings(_env_file=None, broker_url=valkey.url, workspace_dir=tmp_path / "ws",  # type: ignore[call-arg]
+                        heartbeat_timeout_seconds=60)
+    sent: list[str] = []
+
+    def flaky_enqueue(agent_id: str) -> None:
+        if not sent and not getattr(flaky_enqueue, "failed", False):
+            flaky_enqueue.failed = True  # type: ignore[attr-defined]
+            raise ConnectionError("broker down")
+        sent.append(agent_id)
+
+    fleet = Fleet.create(settings, r=valkey.client(), enqueue=flaky_enqueue)
+    fleet.r.zadd(fleet.keys.heartbeats, {"a1": time.time() - 300})
+    fleet.r.hset(fleet.keys.agent("a1"), mapping={"agent_id": '"a1"', "state": '"running"', "spec": "{}"})
+    health_sweep(fleet)
+    assert sent == [] and fleet.r.zscore(fleet.keys.heartbeats, "a1") is not None  # kept, not lost
+    health_sweep(fleet)
+    assert sent == ["a1"] and fleet.store.get("a1")["state"] == "recovering"  # type: ignore[index]
