@@ -208,6 +208,14 @@ def cmd_killswitch(args: argparse.Namespace) -> int:
         doc = switch.release(by=_operator(), resume=args.resume, enqueue=_enqueue)
         console.print(f"killswitch released; {doc['resumed']} held agent(s) re-enqueued")
         return 0
+    if args.action == "audit":
+        events = switch.audit()
+        if args.json:
+            _print_json(events)
+        else:
+            for event in events:
+                console.print(json.dumps(event), markup=False, highlight=False)
+        return 0
     status = switch.status()
     if args.json:
         _print_json(status)
@@ -331,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     rel.add_argument("--resume", action="store_true", help="enqueue held agents again")
     st = ks_sub.add_parser("status")
     st.add_argument("--json", action="store_true")
+    au = ks_sub.add_parser("audit", help="who engaged and released, when, why, how many stopped and how fast")
+    au.add_argument("--json", action="store_true")
     ks.set_defaults(func=cmd_killswitch)
 
     b = sub.add_parser("budget", help="token and concurrency usage")

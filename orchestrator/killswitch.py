@@ -96,10 +96,6 @@ class Killswitch:
         """Keep an agent that may not start while engaged (higher priority resumes first)."""
         self.r.zadd(self.keys.held, {agent_id: -priority * 1e10 + time.time()})
 
-    def held(self) -> list[str]:
-        """Held agent ids, in resume order."""
-        return cast(list[str], self.r.zrange(self.keys.held, 0, -1))
-
     def publish_stop(self, agent: str, reason: str, status: State = State.KILLED) -> int:
         """Broadcast a stop to one agent (or ``*``); returns how many listeners got it."""
         body = {"agent": agent, "reason": reason, "status": status.value}

@@ -6,7 +6,7 @@ import re
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -257,9 +257,3 @@ def _jsonable(value: Any, depth: int = 0) -> Any:
     if isinstance(value, list | tuple):
         return [_jsonable(v, depth + 1) for v in value[:200]]
     return repr(value)[:1000]
-
-
-AgentStateName = Literal[
-    "queued", "running", "held", "recovering", "completed", "gates_failed", "failed", "killed",
-    "budget_exceeded", "timed_out", "rejected", "duplicate",
-]
