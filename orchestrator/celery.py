@@ -46,7 +46,6 @@ transport_options = {
 }
 
 
-
 class FleetControl(Control):  # type: ignore[misc]
     """Celery's remote control, plus: the killswitch and kill requests are persisted before the broadcast."""
 
