@@ -660,6 +660,7 @@ class _Handler(BaseHTTPRequestHandler):
                     raise (_Stopping() if owner.stopping else _ClientGone()) from exc
             status = "completed"
         except _BadRequest as exc:
+            owner._update(call, status="error", finished_at=time.time())  # logged before the client can read it
             self._send_error_json(400, "invalid_request_error", exc.message)
         except _ClientGone:
             status = "client_closed"
@@ -668,6 +669,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         except Exception as exc:
             self.close_connection = True
+            owner._update(call, status="error", finished_at=time.time())
             self._try_report(exc)
         finally:
             owner._update(call, status=status, finished_at=time.time())
