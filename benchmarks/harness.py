@@ -36,7 +36,7 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestrator.testing import offline_model
-from orchestrator.testing.cluster import Beat, Proc, Valkey, Worker, fleet_env, free_port
+from orchestrator.testing.cluster import Beat, Proc, Valkey, Worker, fleet_env, free_port, wait_until
 from orchestrator.testing.offline_model import OfflineModel, Script
 from orchestrator.testing.sample_repo import make_sample_repo
 
@@ -339,13 +339,7 @@ class Harness:
 
     def wait_for(self, predicate: Callable[[], Any], timeout: float, what: str) -> Any:
         """Poll ``predicate`` until it returns something truthy."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(0.01)
-        raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        return wait_until(predicate, timeout, what, interval=0.01)
 
     # -- more processes and helpers (killswitch and health benchmarks) -----------------------------------------
     def env(self, model_url: str | None, **settings: Any) -> dict[str, str]:

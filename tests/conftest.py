@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import redis
 from celery import Celery
 
 from orchestrator.settings import Settings
-from orchestrator.testing.cluster import Beat, Valkey, Worker, fleet_env
+from orchestrator.testing.cluster import Beat, Valkey, Worker, fleet_env, wait_until
 from orchestrator.testing.offline_model import OfflineModel
 from orchestrator.testing.sample_repo import make_sample_repo
 
@@ -126,13 +125,10 @@ class Cluster:
         return self.cli_json("show", agent_id)
 
     def wait_for(self, predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(0.05)
-        raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        try:
+            return wait_until(predicate, timeout, what)
+        except TimeoutError as exc:
+            raise AssertionError(str(exc)) from None
 
     def agent_for(self, task_id: str, timeout: float = 30.0) -> str:
         with self.state() as r:

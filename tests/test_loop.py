@@ -54,6 +54,11 @@ def harness(offline: OfflineModel, sample_repo: Path) -> Any:
     h.close()
 
 
+def stop_after(harness: Harness, seconds: float) -> None:
+    """Request a kill from another thread, as the supervisor does: flag it, then cut the call."""
+    threading.Timer(seconds, lambda: (harness.stop.request(State.KILLED, "test"), harness.model.cancel())).start()
+
+
 def fresh(prompt: str = "Fix the failing test") -> Checkpoint:
     return Checkpoint(messages=[{"role": "user", "content": prompt}])
 
@@ -106,7 +111,7 @@ def test_hard_budget_stops_with_tokens_at_most_the_limit(harness: Harness, offli
 def test_stop_cuts_a_slow_stream_at_once(harness: Harness, offline: OfflineModel) -> None:
     offline.add_script("slow", Script([Turn([{"type": "text", "text": "x" * 400}], chunk_delay=1.0)]))
     loop = harness.loop()
-    threading.Timer(0.5, lambda: (harness.stop.request(State.KILLED, "test"), harness.model.cancel())).start()
+    stop_after(harness, 0.5)
     started = time.monotonic()
     with pytest.raises(StopRun) as stop:
         loop.run(fresh("[[script:slow]] go"))
@@ -140,7 +145,7 @@ def test_stop_kills_a_running_shell_command(harness: Harness, offline: OfflineMo
 def test_stop_cuts_a_call_before_any_response_header(harness: Harness, offline: OfflineModel) -> None:
     offline.latency = 30.0  # the server says nothing at all for 30 s
     loop = harness.loop()
-    threading.Timer(0.5, lambda: (harness.stop.request(State.KILLED, "test"), harness.model.cancel())).start()
+    stop_after(harness, 0.5)
     started = time.monotonic()
     with pytest.raises(StopRun) as stop:
         loop.run(fresh("go"))
