@@ -10,8 +10,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # git: mirrors, worktrees, commits and pushes; openssh-client: ssh:// and git@ remotes; tzdata: zoneinfo for
 # ORCHESTRATOR_TIMEZONE (the slim image ships no zone files and the project does not depend on the tzdata wheel).
 # Agents' quality gates run in this image too: extend it with the toolchains your repositories' gates need.
+# bubblewrap: every agent command and quality gate runs inside it (CONTRACT section 6); the container needs user
+# namespaces and unshare allowed (docker-compose.yml sets seccomp/apparmor for the agents service, see
+# docs/sandbox.md). Debian's package, never a setuid build.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends git openssh-client ca-certificates tzdata \
+    && apt-get install -y --no-install-recommends git openssh-client ca-certificates tzdata bubblewrap \
     && rm -rf /var/lib/apt/lists/*
 
 # A non-root user. The state directories are created here, owned by it, so that named volumes mounted on them

@@ -17,11 +17,20 @@ from datetime import date
 from pathlib import Path
 from types import ModuleType
 
-from benchmarks import bench_budget, bench_foundation, bench_health, bench_killswitch
+from benchmarks import (
+    bench_budget,
+    bench_capacity,
+    bench_foundation,
+    bench_health,
+    bench_killswitch,
+    bench_sandbox,
+    bench_traffic,
+)
 from benchmarks.harness import Benchmark, Harness, Outcome, print_table, terminate_as_interrupt
 
 #: Benchmark modules, in run order; each exposes ``BENCHMARKS: list[Benchmark]``. Add new modules here.
-MODULES: list[ModuleType] = [bench_foundation, bench_budget, bench_killswitch, bench_health]
+MODULES: list[ModuleType] = [bench_foundation, bench_budget, bench_killswitch, bench_health, bench_traffic,
+                             bench_sandbox, bench_capacity]
 
 
 def registry() -> list[Benchmark]:

@@ -28,10 +28,10 @@ from orchestrator.agent.model import ModelClient
 from orchestrator.agent.tools import TOOL_DEFINITIONS, Toolbox
 from orchestrator.budget import AgentLedger, Budget
 from orchestrator.keys import Keys
-from orchestrator.models import Usage, iso, utcnow
+from orchestrator.lifecycle import AdmitParams, Lifecycle
+from orchestrator.models import Usage
 from orchestrator.runner import SYSTEM_PROMPT
 from orchestrator.settings import DEFAULT_MODEL, Settings
-from orchestrator.store import AgentStore
 from orchestrator.testing.offline_model import OfflineModel, Script, bash, text_turn
 from orchestrator.workspace import Workspace
 
@@ -240,8 +240,9 @@ def bench_turns(h: Harness) -> list[Row]:
     span_rates: list[float] = []
     commands: list[float] = []
     bare_rates: list[float] = []
+    # Unconfined, like the bare loop it is compared with: the sandbox's own cost is benchmark "sandbox".
     with h.model_server({script: turns_script(n), WARM: turns_script(3)}) as model, \
-            h.worker(model.url, name="turns", concurrency=2, heartbeat_interval_seconds=1):
+            h.worker(model.url, name="turns", concurrency=2, heartbeat_interval_seconds=1, sandbox="off"):
         for _ in range(2):  # both pool processes
             _fleet_run(h, model, repo, WARM, 10)
         bare_loop(model.url, bare_repo, f"[[script:{WARM}]] go", 10)
@@ -261,7 +262,7 @@ def bench_turns(h: Harness) -> list[Row]:
     baseline = "bare loop: SDK + subprocess.run"
     return [
         Row("turns/s, whole loop", "agent via worker: started -> finished", median(run_rates), "turns/s", baseline,
-            bare, f"{n + 1} turns/run, worktree + commit incl.; {per_turn(median(run_rates))}"),
+            bare, f"{n + 1} turns/run, worktree + commit incl., sandbox off; {per_turn(median(run_rates))}"),
         Row("turns/s, whole loop", "agent via worker: model-call span", median(span_rates), "turns/s", baseline,
             bare, f"first request -> last reply; {per_turn(median(span_rates))}; {spread(span_rates)}"),
         Row("turns/s, whole loop", "  Valkey commands per turn, whole fleet", median(commands), "",
@@ -386,34 +387,36 @@ def bench_loop(h: Harness) -> list[Row]:
     r = h.counting_client()
     keys = Keys(settings.key_prefix)
     budget = Budget(r, settings)
-    store = AgentStore(r, keys)
-    fence = 1
+    life = Lifecycle(r, keys, AdmitParams(lease_seconds=60, slot_lease_seconds=600, slot_limit=10**6, hard=True,
+                                          max_recoveries=3))
+
+    def running(agent_id: str) -> int:
+        """A running agent as the runner has it after admission: its fencing token."""
+        life.create({"task_id": agent_id, "state": "queued", "spec": {}, "recoveries": 0}, agent_id)
+        adm = life.admit(agent_id, "bench", "bench", priority=5, duration_seconds=3600)
+        return adm.fence
 
     def noop(agent_id: str) -> Books:
         return Books(NoopLedger())
 
     def ledger_and_checkpoint(agent_id: str) -> Books:
-        r.set(keys.fence(agent_id), fence)  # the runner holds a lease; its checkpoint writes are fenced
+        fence = running(agent_id)  # the runner holds a lease; its checkpoint writes are fenced
         ledger = AgentLedger(budget, agent_id, settings.agent_token_limit, DEFAULT_MODEL, lambda message: None)
 
         def checkpoint(cp: Checkpoint) -> None:
-            store.save_checkpoint(agent_id, cp.to_json(), fence)
+            life.save(agent_id, fence, cp.to_json())
 
         return Books(ledger, checkpoint)
 
     def as_runner(agent_id: str) -> Books:
-        r.set(keys.fence(agent_id), fence)
+        fence = running(agent_id)
         ledger = AgentLedger(budget, agent_id, settings.agent_token_limit, DEFAULT_MODEL, lambda message: None)
 
         def checkpoint(cp: Checkpoint) -> None:  # AgentRun._save_checkpoint
-            store.save_checkpoint(agent_id, cp.to_json(), fence)
-            store.update(agent_id, fence, turns=cp.turns, usage=cp.usage.model_dump())
+            life.save(agent_id, fence, cp.to_json(), turns=cp.turns, usage=cp.usage.model_dump(),
+                      last_tool=cp.last_tool)
 
-        def progress(cp: Checkpoint) -> None:  # AgentRun._progress
-            store.update(agent_id, fence, turns=cp.turns, usage=cp.usage.model_dump(), last_tool=cp.last_tool,
-                         heartbeat_at=iso(utcnow()))
-
-        return Books(ledger, checkpoint, progress)
+        return Books(ledger, checkpoint)
 
     variants: dict[str, Callable[[str], Books]] = {
         "no-op": noop, "ledger+checkpoint": ledger_and_checkpoint, "as runner": as_runner}

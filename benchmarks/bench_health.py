@@ -28,7 +28,7 @@ from benchmarks.harness import Benchmark, Harness, ModelServer, Row, median
 from orchestrator.fleet import Fleet
 from orchestrator.keys import Keys
 from orchestrator.ops import health_sweep
-from orchestrator.settings import Settings
+from orchestrator.settings import STATE_DB, Settings
 from orchestrator.store import AgentStore
 from orchestrator.testing.cluster import Worker
 from orchestrator.testing.offline_model import Script, Turn, bash, text_turn
@@ -66,7 +66,7 @@ def _recover_once(h: Harness, model: ModelServer, survivor: Worker, repo: str) -
         task_id = h.unique("health")
         result = h.send({"task_id": task_id, "prompt": f"[[script:{FIVE}]] go", "repo": repo})
         try:
-            with h.valkey.client() as r:
+            with h.valkey.client(STATE_DB) as r:
                 agent_id = str(h.wait_for(lambda: r.get(keys.task_index(task_id)), 30, "the agent id"))
                 store = AgentStore(r, keys)
                 h.wait_for(lambda: _streaming(model, agent_id, 2), 60, "the third turn to stream")
@@ -164,8 +164,10 @@ def _seed(fleet: Fleet, total: int, stale: int, now: float) -> list[str]:
 
 
 def _restale(fleet: Fleet, stale: list[str], now: float) -> None:
-    """Make the stale agents stale and running again, as before the first sweep."""
+    """Make the stale agents stale and running again, as before the first sweep; the sweeps have seen Valkey
+    for an hour (else the sweep first gives every worker a timeout to beat again, see ops.visible_since)."""
     pipe = fleet.r.pipeline(transaction=False)
+    pipe.hset(fleet.keys.sweep_state, mapping={"last": str(now - 1), "since": str(now - 3600)})
     for agent_id in stale:
         pipe.zadd(fleet.keys.heartbeats, {agent_id: now - 300})
         pipe.hset(fleet.keys.agent(agent_id), mapping={"state": '"running"', "recoveries": "0"})
@@ -178,7 +180,7 @@ def bench_sweep(h: Harness) -> list[Row]:
     cases = [(100, 5), (1_000, 5), (10_000, 5), (10_000, 0), (10_000, 100)]
     results: dict[tuple[int, int], list[float]] = {case: [] for case in cases}
     fleets: dict[tuple[int, int], tuple[Fleet, list[str], list[str]]] = {}
-    r = h.valkey.client()
+    r = h.valkey.client(STATE_DB)
     quiet = logging.getLogger("orchestrator.ops")  # one warning per recovered agent
     level = quiet.level
     quiet.setLevel(logging.ERROR)
@@ -190,6 +192,7 @@ def bench_sweep(h: Harness) -> list[Row]:
             enqueued: list[str] = []
             fleet = Fleet.create(settings, r=r, enqueue=enqueued.append)
             fleets[(total, stale)] = (fleet, _seed(fleet, total, stale, now), enqueued)
+            _restale(fleet, [], now)
             health_sweep(fleet, now=now)  # warm: Lua scripts loaded, connection up
         for _ in range(runs):
             for case, (fleet, stale_ids, enqueued) in fleets.items():  # interleaved, so drift hits every case

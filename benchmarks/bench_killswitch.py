@@ -9,7 +9,7 @@ commit. Then:
   does), then poll every agent's record until all are ``killed``; the figure is the time from the command to the
   last ``killed`` record. Repeated (5 drills; ``--quick`` 2) for each fleet size; median and p99 (nearest rank:
   the slowest drill). One more drill at 20 agents runs the real CLI as a subprocess (not with ``--quick``).
-  Between drills: ``Killswitch.release(..., resume=False, ...)`` and the fleet's keys are deleted.
+  Between drills: ``Killswitch.mark_released(...)`` (held agents stay held) and the fleet's keys are deleted.
 * **baseline, plain Celery** (once per size; ``--quick``: at 20 agents only): ``app.control.inspect().active()``
   for the task ids, ``app.control.revoke(task_id, terminate=True)`` for each, then poll ``inspect().active()``
   until none is active (at most 5 s: a revoke may terminate nothing, see :func:`revoke_drill`). Then count what
@@ -46,7 +46,8 @@ from celery.result import AsyncResult
 from benchmarks.harness import Benchmark, Harness, ModelServer, Row, median, percentile, terminate_as_interrupt
 from orchestrator.keys import Keys
 from orchestrator.killswitch import Killswitch
-from orchestrator.models import State
+from orchestrator.settings import STATE_DB
+from orchestrator.states import State
 from orchestrator.testing.cluster import Worker
 from orchestrator.testing.offline_model import Script, Turn, bash, text_turn
 from orchestrator.workspace import Workspace
@@ -68,10 +69,6 @@ SCRIPTS = {
 }
 _LOG_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): \w+/[^\]]*\] orchestrator\.runner: "
                        r"agent (\w+) (stopping|finished): killed")
-
-
-def _never(agent_id: str) -> None:
-    raise RuntimeError(f"release without resume enqueued {agent_id}")
 
 
 def sleep_pids(root: Path) -> list[int]:
@@ -121,7 +118,7 @@ class Fleet:
         self.model = model
         self.workers = workers
         self.repo = repo
-        self.r: redis.Redis = h.valkey.client()
+        self.r: redis.Redis = h.valkey.client(STATE_DB)
         self.keys = Keys("orch:")
         self.switch = Killswitch(self.r, self.keys)
         self.worktrees = h.tmp / "workspace"
@@ -248,7 +245,7 @@ def killswitch_drill(fleet: Fleet, n: int, cli: bool = False) -> Drill:
             raise RuntimeError(f"the killswitch left {drill.sleeps_left} sleep(s), {drill.streams_left} stream(s)")
     finally:
         fleet.h.forget(results)
-        fleet.switch.release(by="bench", resume=False, enqueue=_never)
+        fleet.switch.mark_released(by="bench")
     fleet.reset()
     return drill
 
@@ -307,7 +304,7 @@ def revoke_drill(fleet: Fleet, n: int, window: float) -> Drill:
             kill_groups(sleep_pids(fleet.worktrees))
             fleet.h.wait_for(lambda: not sleep_pids(fleet.worktrees), 10, "leftover sleep processes to go")
         finally:
-            fleet.switch.release(by="bench", resume=False, enqueue=_never)
+            fleet.switch.mark_released(by="bench")
             fleet.h.forget(results)
     fleet.reset()
     return drill
@@ -436,7 +433,7 @@ def _rows(ks: dict[int, list[Drill]], revoked: dict[int, Drill], cli: Drill | No
 #: the listener closes its own subscription when it sees the run is done.
 PROFILE_HOOKS = """
 import contextlib, logging, os, time
-from orchestrator import runner, store, supervisor, workspace
+from orchestrator import lifecycle, runner, supervisor, workspace
 
 _log = logging.getLogger("ksprof")
 
@@ -456,7 +453,7 @@ def _wrap(cls, name, before=None, after=None, agent=lambda self, *a: self.agent_
 _wrap(runner.AgentRun, "request_stop", before="stop")
 _wrap(runner.AgentLedger, "release_open", before="loop_exit")
 _wrap(workspace.Workspace, "commit", "commit_start", "commit_end", agent=lambda self, wt, *a: wt.path.name)
-_wrap(store.AgentStore, "finish", after="finished", agent=lambda self, agent_id, *a: agent_id)
+_wrap(lifecycle.Lifecycle, "finish", after="finished", agent=lambda self, agent_id, *a: agent_id)
 if os.environ.get("KSPROF_LISTENER_FIX"):
     def close(self):
         self._done.set()

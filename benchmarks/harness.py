@@ -35,6 +35,7 @@ from celery.result import AsyncResult
 from rich.console import Console
 from rich.table import Table
 
+from orchestrator.settings import STATE_DB
 from orchestrator.testing import offline_model
 from orchestrator.testing.cluster import Beat, Proc, Valkey, Worker, fleet_env, free_port, wait_until
 from orchestrator.testing.offline_model import OfflineModel, Script
@@ -401,7 +402,7 @@ class Harness:
         """Delete the fleet's keys (``prefix*``) but not Celery's queues and bindings: safe while idle workers
         run, unlike :meth:`fresh_state`. Returns how many keys went."""
         deleted = 0
-        with self.valkey.client() as c:
+        with self.valkey.client(STATE_DB) as c:
             batch: list[str] = []
             for key in c.scan_iter(match=f"{prefix}*", count=1000):
                 batch.append(key)

@@ -14,106 +14,35 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 from zoneinfo import ZoneInfo
 
 import redis
 
-from orchestrator.agent.loop import StopRun
+from orchestrator import scripts
+from orchestrator.errors import StopRun
 from orchestrator.keys import DAY_ARCHIVE_TTL_SECONDS, Keys
-from orchestrator.models import State, Usage
 from orchestrator.pricing import cost_micro_usd
-from orchestrator.settings import Settings
+from orchestrator.replication import replicated
+from orchestrator.states import State
+
+if TYPE_CHECKING:
+    from orchestrator.models import Usage
+    from orchestrator.settings import Settings
 
 MIN_CALL_OUTPUT_TOKENS = 16  # a call that cannot get this many output tokens is not worth making
 DAY_KEY_TTL_SECONDS = 3 * 24 * 3600
 
-# KEYS: day_used, day_reserved, agent_used, agent_reserved, reservations, reservation, day_agents,
-#       day_exhausted, agent_exhausted (set when a call is refused: "too little left for another call")
-# ARGV: res_id, input_bound, max_output, min_output, day_limit, agent_limit, hard, lease_until, agent, day, ttl
-_RESERVE = """
-local day_used = tonumber(redis.call('GET', KEYS[1]) or '0')
-local day_res = tonumber(redis.call('GET', KEYS[2]) or '0')
-local ag_used = tonumber(redis.call('GET', KEYS[3]) or '0')
-local ag_res = tonumber(redis.call('GET', KEYS[4]) or '0')
-local input_bound = tonumber(ARGV[2])
-local max_out = tonumber(ARGV[3])
-local day_room = tonumber(ARGV[5]) - day_used - day_res
-local agent_room = tonumber(ARGV[6]) - ag_used - ag_res
-local headroom = math.min(day_room, agent_room)
-local out = max_out
-if ARGV[7] == '1' then
-  if headroom < input_bound + tonumber(ARGV[4]) then
-    if day_used + input_bound + tonumber(ARGV[4]) > tonumber(ARGV[5]) then
-      redis.call('SET', KEYS[8], '1', 'EX', tonumber(ARGV[11]))
-    end
-    if ag_used + input_bound + tonumber(ARGV[4]) > tonumber(ARGV[6]) then
-      redis.call('SET', KEYS[9], '1')
-    end
-    return {0, 0, headroom}
-  end
-  out = math.min(max_out, headroom - input_bound)
-end
-local amount = input_bound + out
-redis.call('INCRBY', KEYS[2], amount)
-redis.call('INCRBY', KEYS[4], amount)
-redis.call('EXPIRE', KEYS[2], tonumber(ARGV[11]))
-redis.call('HSET', KEYS[6], 'amount', amount, 'day', ARGV[10], 'agent', ARGV[9])
-redis.call('EXPIRE', KEYS[6], tonumber(ARGV[11]))
-redis.call('ZADD', KEYS[5], ARGV[8], ARGV[1])
-redis.call('SADD', KEYS[7], ARGV[9])
-redis.call('EXPIRE', KEYS[7], tonumber(ARGV[11]))
-return {1, out, headroom}
-"""
-
-# KEYS: reservations, reservation ; ARGV: res_id, used_tokens, cost_micro, prefix, ttl
-# Idempotent: a reservation settles or is released once; later calls find nothing and return {0}.
-# Returns {1, agent used, day used} so the caller can check thresholds without another round trip.
-_SETTLE = """
-local amount = tonumber(redis.call('HGET', KEYS[2], 'amount') or '-1')
-if amount < 0 then return {0} end
-local day = redis.call('HGET', KEYS[2], 'day')
-local agent = redis.call('HGET', KEYS[2], 'agent')
-local p = ARGV[4]
-redis.call('DECRBY', p .. 'budget:day:' .. day .. ':reserved', amount)
-redis.call('DECRBY', p .. 'budget:agent:' .. agent .. ':reserved', amount)
-redis.call('DEL', KEYS[2])
-redis.call('ZREM', KEYS[1], ARGV[1])
-local used = tonumber(ARGV[2])
-if used > 0 then
-  local dk = p .. 'budget:day:' .. day .. ':used'
-  redis.call('INCRBY', dk, used)
-  redis.call('EXPIRE', dk, tonumber(ARGV[5]))
-  redis.call('INCRBY', p .. 'budget:agent:' .. agent .. ':used', used)
-  local ck = p .. 'budget:day:' .. day .. ':cost_micro'
-  redis.call('INCRBY', ck, tonumber(ARGV[3]))
-  redis.call('EXPIRE', ck, tonumber(ARGV[5]))
-end
-local agent_used = tonumber(redis.call('GET', p .. 'budget:agent:' .. agent .. ':used') or '0')
-local day_used = tonumber(redis.call('GET', p .. 'budget:day:' .. day .. ':used') or '0')
-return {1, agent_used, day_used}
-"""
-
-# KEYS: slots ; ARGV: agent, limit, now, lease_until, force
-_ACQUIRE_SLOT = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
-if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
-  redis.call('ZADD', KEYS[1], ARGV[4], ARGV[1]); return 1
-end
-if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) or ARGV[5] == '1' then
-  redis.call('ZADD', KEYS[1], ARGV[4], ARGV[1]); return 1
-end
-return 0
-"""
-
 
 @dataclass(frozen=True)
 class TokenReservation:
-    """Tokens set aside for one model call."""
+    """Tokens set aside for one model call (its day and agent name the ledger keys it settles against)."""
 
     id: str
     max_tokens: int
     amount: int
+    day: str = ""
+    agent_id: str = ""
 
 
 def status_for(used: int, limit: int, warning_percent: int, min_left: int = 0, exhausted: bool = False) -> str:
@@ -143,9 +72,8 @@ class Budget:
         self.s = settings
         self.keys = Keys(settings.key_prefix)
         self.clock = clock or time.time
-        self._reserve = r.register_script(_RESERVE)
-        self._settle = r.register_script(_SETTLE)
-        self._acquire_slot = r.register_script(_ACQUIRE_SLOT)
+        self._reserve = scripts.load(r, "reserve")
+        self._settle = scripts.load(r, "settle")
 
     @property
     def hard(self) -> bool:
@@ -171,25 +99,40 @@ class Budget:
                   "1" if self.hard else "0", self.clock() + self.s.reservation_lease_seconds, agent_id, day,
                   DAY_KEY_TTL_SECONDS],
         ))
+        replicated(self.r, "token reservation")
         if not ok:
             return None
-        return TokenReservation(res_id, int(out), input_bound + int(out))
+        return TokenReservation(res_id, int(out), input_bound + int(out), day, agent_id)
 
-    def settle(self, reservation_id: str, usage: Usage, cost_micro: int) -> bool:
+    def settle(self, reservation: TokenReservation | str, usage: Usage, cost_micro: int) -> bool:
         """Replace a reservation by real usage; False if it was already settled or released."""
-        return self.settle_totals(reservation_id, usage, cost_micro) is not None
+        return self.settle_totals(reservation, usage.total_tokens, cost_micro) is not None
 
-    def settle_totals(self, reservation_id: str, usage: Usage, cost_micro: int) -> tuple[int, int] | None:
+    def settle_totals(self, reservation: TokenReservation | str, tokens: int,
+                      cost_micro: int) -> tuple[int, int] | None:
         """Settle, returning the agent's and the day's used tokens after it (None if already settled)."""
+        res = reservation if isinstance(reservation, TokenReservation) else self._lookup(reservation)
+        if res is None:
+            return None
+        k = self.keys
         out = cast(list[int], self._settle(
-            keys=[self.keys.reservations, self.keys.reservation(reservation_id)],
-            args=[reservation_id, usage.total_tokens, cost_micro, self.keys.prefix, DAY_KEY_TTL_SECONDS],
+            keys=[k.reservations, k.reservation(res.id), k.daily_reserved(res.day), k.agent_reserved(res.agent_id),
+                  k.daily_used(res.day), k.agent_used(res.agent_id), k.day_cost(res.day)],
+            args=[res.id, tokens, cost_micro, DAY_KEY_TTL_SECONDS],
         ))
+        replicated(self.r, "token settlement")
         return (int(out[1]), int(out[2])) if out[0] else None
 
-    def release(self, reservation_id: str) -> bool:
+    def _lookup(self, reservation_id: str) -> TokenReservation | None:
+        day, agent, amount = cast(list[str | None], self.r.hmget(
+            self.keys.reservation(reservation_id), "day", "agent", "amount"))
+        if day is None or agent is None:
+            return None
+        return TokenReservation(reservation_id, 0, int(amount or 0), day, agent)
+
+    def release(self, reservation: TokenReservation | str) -> bool:
         """Drop a reservation without charging it."""
-        return self.settle(reservation_id, Usage(), 0)
+        return self.settle_totals(reservation, 0, 0) is not None
 
     def renew(self, reservation_id: str) -> None:
         """Extend a reservation's lease (a long call is still running)."""
@@ -213,19 +156,7 @@ class Budget:
         return {"used": int(used or 0), "reserved": int(reserved or 0), "cost_micro": int(cost or 0),
                 "exhausted": int(exhausted or 0)}
 
-    # -- concurrency slots ----------------------------------------------------------------------------
-    def acquire_slot(self, agent_id: str, force: bool = False) -> bool:
-        """Take (or renew) a concurrency slot lease; ``force`` takes one past the cap (soft mode)."""
-        now = self.clock()
-        return bool(self._acquire_slot(
-            keys=[self.keys.slots],
-            args=[agent_id, self.s.max_concurrent_agents, now, now + self.s.slot_lease_seconds, "1" if force else "0"],
-        ))
-
-    def release_slot(self, agent_id: str) -> None:
-        """Give a slot back."""
-        self.r.zrem(self.keys.slots, agent_id)
-
+    # -- concurrency slots (taken and given back by orchestrator.lifecycle) -------------------------------
     def running(self) -> int:
         """Slots held by live leases."""
         return int(self.r.zcount(self.keys.slots, self.clock(), "+inf"))
@@ -305,7 +236,7 @@ class AgentLedger:
 
     def settle(self, reservation: Any, usage: Usage) -> None:
         """Charge the call's real usage and warn once per threshold crossed."""
-        totals = self.budget.settle_totals(reservation.id, usage, cost_micro_usd(
+        totals = self.budget.settle_totals(reservation, usage.total_tokens, cost_micro_usd(
             self.model, usage.input_tokens, usage.output_tokens,
             usage.cache_creation_input_tokens, usage.cache_read_input_tokens))
         self.open = None
@@ -315,7 +246,7 @@ class AgentLedger:
     def release_open(self) -> None:
         """Release a reservation left open by a failure path (idempotent)."""
         if self.open is not None:
-            self.budget.release(self.open.id)
+            self.budget.release(self.open)
             self.open = None
 
     def _check_thresholds(self, used: int, day: int) -> None:

@@ -15,6 +15,7 @@ from celery.app.control import Control
 from kombu.entity import Exchange, Queue
 
 from beat_schedule import build_schedule
+from orchestrator.broker import use_fleet_sentinel_transport
 from orchestrator.flower_guard import check_flower_auth
 from orchestrator.settings import get_settings
 
@@ -43,7 +44,20 @@ transport_options = {
     # Fail fast and retry rather than hang when Valkey is unreachable.
     "socket_connect_timeout": 5,
     "health_check_interval": 30,
+    # A primary that vanishes without closing the connection (a dead host in a failover) must not hang a publish.
+    "socket_timeout": 30,
+    # A sentinel:// broker: the master's name and the sentinels' own password (celery #6551, #7997).
+    **settings.sentinel_transport_options(settings.broker_url),
 }
+
+# sentinel:// brokers use kombu's Sentinel transport with a fix for workers that died in a failover (see
+# orchestrator/broker.py: without it the drill in tests/test_sentinel.py ends one or both workers).
+use_fleet_sentinel_transport()
+
+# The result backend reads its own options, and beat and the CLI load it too: a sentinel:// backend without
+# `master_name` fails in every process that touches it.
+result_transport_options = {"socket_connect_timeout": 5, "health_check_interval": 30,
+                            **settings.sentinel_transport_options(settings.result_backend_url)}
 
 
 class FleetControl(Control):  # type: ignore[misc]
@@ -53,15 +67,15 @@ class FleetControl(Control):  # type: ignore[misc]
         """Persist a stop first (so a worker that misses the broadcast still sees it), then broadcast."""
         if command in ("killswitch", "kill_agent"):
             from orchestrator.fleet import Fleet
-            from orchestrator.killswitch import Killswitch
+            from orchestrator.killswitch import Killswitch, kill
 
-            fleet = Fleet.create()
-            switch = Killswitch(fleet.r, fleet.keys)
+            fleet = Fleet.create(settings)
             arguments = dict(arguments or {})
             if command == "killswitch":
-                switch.engage(str(arguments.get("reason") or "celery control"), by="celery control")
+                Killswitch(fleet.r, fleet.keys).engage(str(arguments.get("reason") or "celery control"),
+                                                       by="celery control", running=fleet.budget.running())
             elif arguments.get("agent_id"):
-                switch.kill_agent(str(arguments["agent_id"]), str(arguments.get("reason") or "killed by operator"))
+                kill(fleet, str(arguments["agent_id"]), str(arguments.get("reason") or "killed by operator"))
         return super().broadcast(command, arguments, *args, **kwargs)
 
 
@@ -71,8 +85,11 @@ app = Celery("orchestrator", broker=settings.broker_url, backend=settings.result
 app.conf.update(
     broker_transport_options=transport_options,
     # The result backend's own pub/sub and connection settings: same visibility rules, explicit timeouts.
-    result_backend_transport_options={"socket_connect_timeout": 5, "health_check_interval": 30},
+    result_backend_transport_options=result_transport_options,
     broker_connection_retry_on_startup=True,
+    # A result the backend could not store while Valkey was away is retried, not lost.
+    result_backend_always_retry=True,
+    result_backend_max_retries=120,
     # JSON only: the coordinator does not import us, and pickle from a shared broker is remote code execution.
     task_serializer="json",
     result_serializer="json",
@@ -105,6 +122,21 @@ app.conf.update(
     enable_utc=True,
     beat_schedule=build_schedule(settings),
 )
+
+def celery_priority(spec_priority: int | None) -> int:
+    """Spec priority 0-9 (higher first; 5 when unset) as a kombu Redis priority (0 first)."""
+    value = 5 if spec_priority is None else int(spec_priority)
+    return 9 - max(0, min(9, value))
+
+
+def enqueue_run(store: Any, agent_id: str) -> None:
+    """Send an agent's run message to ``agents`` at its spec's priority, under its original Celery task id."""
+    rec = store.get(agent_id)
+    if rec is None:
+        raise LookupError(f"agent {agent_id} has no record")
+    app.send_task(SPAWN_TASK, kwargs={"spec": rec["spec"], "run_agent_id": agent_id},
+                  task_id=rec.get("celery_task_id"), queue=AGENTS_QUEUE, priority=celery_priority(rec.get("priority")))
+
 
 # Custom remote-control commands must be registered in every process that loads the app, the `celery control`
 # CLI included, or it refuses them as unknown.

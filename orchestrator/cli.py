@@ -13,22 +13,48 @@ import sys
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from functools import cache
+from typing import TYPE_CHECKING, Any
 
 import redis
-from rich.console import Console
-from rich.live import Live
-from rich.table import Table
 
 from orchestrator.fleet import Fleet
-from orchestrator.killswitch import Killswitch
-from orchestrator.models import State
-from orchestrator.settings import get_settings, redact_url
+from orchestrator.killswitch import Killswitch, kill, release
+from orchestrator.states import RESUMABLE_STATES, State
 from orchestrator.store import public_record
 
-# Piped output (scripts, logs) gets wide tables instead of rich's 80-column default, so ids never wrap.
-console = Console(stderr=False, width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True)
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+
+@cache
+def out() -> Console:
+    """Standard output for humans (rich is imported only when a command prints for a human)."""
+    from rich.console import Console
+
+    # Piped output (scripts, logs) gets wide tables instead of rich's 80-column default, so ids never wrap.
+    return Console(stderr=False, width=None if sys.stdout.isatty() else 200)
+
+
+@cache
+def err() -> Console:
+    """Standard error for humans."""
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _redact(text: str) -> str:
+    from orchestrator.redaction import redact
+
+    return redact(text)
+
+
+def _table(title: str) -> Table:
+    from rich.table import Table
+
+    return Table(title=title)
 
 
 def _print_json(doc: Any) -> None:
@@ -39,30 +65,48 @@ def _operator() -> str:
     return f"{getpass.getuser()}@{socket.gethostname()}"
 
 
-def _enqueue(agent_id: str) -> None:
-    from workers.tasks import enqueue_agent
+def _settings() -> Any:
+    from orchestrator.settings import get_settings
 
-    enqueue_agent(agent_id)
+    # An operator's command should say at once that Valkey is down, not retry for minutes like a worker does.
+    return get_settings().model_copy(update={"valkey_retry_seconds": 1.0})
 
 
 def _fleet() -> Fleet:
-    # An operator's command should say at once that Valkey is down, not retry for a minute like a worker does.
-    settings = get_settings().model_copy(update={"valkey_retry_seconds": 1.0})
-    return Fleet.create(settings, enqueue=_enqueue)
+    fleet = Fleet.create(_settings())
+
+    def enqueue(agent_id: str) -> None:
+        from orchestrator.celery import enqueue_run  # Celery only for the commands that send a run message
+
+        enqueue_run(fleet.store, agent_id)
+
+    fleet.enqueue = enqueue
+    return fleet
 
 
 def _tokens(rec: dict[str, Any]) -> int:
     return int((rec.get("usage") or {}).get("total_tokens") or 0)
 
 
+def describe_state(rec: dict[str, Any], now: float | None = None) -> str:
+    """The state as an operator reads it: ``running (waiting: rate limited, 14 s)`` while a run waits."""
+    state = str(rec.get("state"))
+    waiting = rec.get("waiting")
+    if state == State.RUNNING.value and isinstance(waiting, dict) and waiting.get("until"):
+        left = float(waiting["until"]) - (now if now is not None else time.time())
+        if left > 0:
+            return f"{state} (waiting: {waiting.get('reason') or 'paused'}, {left:.0f} s)"
+    return state
+
+
 def _agents_table(records: Sequence[dict[str, Any]]) -> Table:
-    table = Table(title=f"{len(records)} agent(s)")
+    table = _table(f"{len(records)} agent(s)")
     for col in ("agent", "task", "state", "worker", "turns", "tokens", "heartbeat", "branch"):
         table.add_column(col, no_wrap=True)
     table.add_column("error", overflow="fold")
     for rec in records:
         age = rec.get("heartbeat_age_seconds")
-        table.add_row(rec["agent_id"], str(rec.get("task_id")), str(rec.get("state")), str(rec.get("worker") or "-"),
+        table.add_row(rec["agent_id"], str(rec.get("task_id")), describe_state(rec), str(rec.get("worker") or "-"),
                       str(rec.get("turns") or 0), f"{_tokens(rec):,}", f"{age:.0f}s ago" if age is not None else "-",
                       str(rec.get("branch") or "-"), str(rec.get("error") or ""))
     return table
@@ -76,12 +120,14 @@ def cmd_agents(args: argparse.Namespace) -> int:
         _print_json(records)
         return 0
     if args.watch:
-        with Live(_agents_table(records), console=console, refresh_per_second=2) as live:
+        from rich.live import Live
+
+        with Live(_agents_table(records), console=out(), refresh_per_second=2) as live:
             while True:
                 time.sleep(args.watch)
                 fresh = fleet.store.list_agents(include_finished=args.all)
                 live.update(_agents_table([public_record(r) for r in fresh]))
-    console.print(_agents_table(records))
+    out().print(_agents_table(records))
     return 0
 
 
@@ -90,7 +136,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     fleet = _fleet()
     rec = fleet.store.get(args.agent_id) or fleet.store.get(fleet.store.agent_for_task(args.agent_id) or "")
     if rec is None:
-        err.print(f"no agent {args.agent_id!r}")
+        err().print(f"no agent {args.agent_id!r}")
         return 1
     doc = {**public_record(rec), "spec": rec.get("spec"), "result": rec.get("result"),
            "events": fleet.store.events(rec["agent_id"]), "worktree": rec.get("worktree"),
@@ -98,7 +144,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(doc)
     else:
-        console.print_json(json.dumps(doc, default=str))
+        out().print_json(json.dumps(doc, default=str))
     return 0
 
 
@@ -108,13 +154,13 @@ def cmd_rejected(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(items)
         return 0
-    table = Table(title=f"{len(items)} rejected spec(s)")
+    table = _table(f"{len(items)} rejected spec(s)")
     for col in ("rejected at", "task", "why"):
         table.add_column(col, overflow="fold")
     for item in items:
         why = "; ".join(f"{e['field']}: {e['message']}" for e in item["errors"])
         table.add_row(item["rejected_at"], str(item.get("task_id")), why)
-    console.print(table)
+    out().print(table)
     return 0
 
 
@@ -126,15 +172,15 @@ def cmd_callbacks(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(doc)
         return 0
-    table = Table(title=f"{len(doc['pending'])} pending, {len(doc['dead'])} undeliverable callback(s)")
+    table = _table(f"{len(doc['pending'])} pending, {len(doc['dead'])} undeliverable callback(s)")
     for col in ("agent", "target", "attempts", "last error", "state"):
         table.add_column(col, overflow="fold")
     for state, items in (("pending", doc["pending"]), ("undeliverable", doc["dead"])):
         for item in items:
             cb = item["callback"]
-            target = redact_url(cb["url"]) if cb.get("url") else f"{cb.get('task')} on {cb.get('queue')}"
+            target = _redact(cb["url"]) if cb.get("url") else f"{cb.get('task')} on {cb.get('queue')}"
             table.add_row(item["agent_id"], target, str(item["attempts"]), str(item["last_error"] or ""), state)
-    console.print(table)
+    out().print(table)
     return 0
 
 
@@ -146,8 +192,8 @@ def cmd_budget(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(summary)
         return 0
-    table = Table(title=f"Budget {summary['date']} ({summary['timezone']}, {summary['enforcement']} enforcement), "
-                        f"cost ${summary['cost_usd']:.4f}")
+    table = _table(f"Budget {summary['date']} ({summary['timezone']}, {summary['enforcement']} enforcement), "
+                   f"cost ${summary['cost_usd']:.4f}")
     for col in ("scope", "used", "limit", "percent", "status"):
         table.add_column(col)
     d, c = summary["daily"], summary["concurrency"]
@@ -155,44 +201,36 @@ def cmd_budget(args: argparse.Namespace) -> int:
     table.add_row("concurrent agents", str(c["running"]), str(c["limit"]), f"{c['percent']}%", c["status"])
     for a in summary["agents"]:
         table.add_row(f"agent {a['agent_id']}", f"{a['used']:,}", f"{a['limit']:,}", f"{a['percent']}%", a["status"])
-    console.print(table)
+    out().print(table)
     return 0
 
 
 def cmd_kill(args: argparse.Namespace) -> int:
     """Stop one agent wherever it runs."""
-    fleet = _fleet()
-    if fleet.store.get(args.agent_id) is None:
-        err.print(f"no agent {args.agent_id!r}")
+    outcome = kill(_fleet(), args.agent_id, args.reason)
+    if outcome == "unknown":
+        err().print(f"no agent {args.agent_id!r}")
         return 1
-    rec = fleet.store.get(args.agent_id) or {}
-    Killswitch(fleet.r, fleet.keys).kill_agent(args.agent_id, args.reason)
-    if rec.get("state") == State.HELD.value:  # held agents have no message in flight: finish them here
-        from orchestrator.runner import finish_unstarted
-
-        finish_unstarted(fleet, rec, State.KILLED, f"killed while held: {args.reason}")
-    console.print(f"kill requested for agent {args.agent_id}")
+    messages = {"stopping": "kill requested: its run stops and commits its work",
+                "finished": "it was not running: finished as killed", "final": "it had already finished"}
+    out().print(f"agent {args.agent_id}: {messages[outcome]}")
     return 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    """Continue a killed or held agent from its checkpoint."""
+    """Continue a killed, failed, timed-out or held agent from its checkpoint, with a fresh duration window."""
     fleet = _fleet()
     rec = fleet.store.get(args.agent_id)
     if rec is None:
-        err.print(f"no agent {args.agent_id!r}")
+        err().print(f"no agent {args.agent_id!r}")
         return 1
-    if rec["state"] not in (State.KILLED.value, State.HELD.value, State.FAILED.value, State.TIMED_OUT.value,
-                            State.BUDGET_EXCEEDED.value):
-        err.print(f"agent {args.agent_id} is {rec['state']}: only killed, held, failed or stopped agents resume")
+    resumed, previous, score = fleet.lifecycle.resume(args.agent_id, rec.get("task_id"), _operator())
+    if not resumed:
+        allowed = ", ".join(s.value for s in RESUMABLE_STATES)
+        err().print(f"agent {args.agent_id} is {previous}: only {allowed} agents resume")
         return 1
-    switch = Killswitch(fleet.r, fleet.keys)
-    switch.clear_kill(args.agent_id)
-    fleet.r.zrem(fleet.keys.held, args.agent_id)
-    fleet.store.reactivate(args.agent_id, State.QUEUED)
-    fleet.store.add_event(args.agent_id, "resumed", f"resumed by {_operator()}")
-    _enqueue(args.agent_id)
-    console.print(f"agent {args.agent_id} queued to resume from its checkpoint")
+    fleet.dispatch(args.agent_id, score)
+    out().print(f"agent {args.agent_id} ({previous}) queued to resume from its checkpoint")
     return 0
 
 
@@ -201,12 +239,16 @@ def cmd_killswitch(args: argparse.Namespace) -> int:
     fleet = _fleet()
     switch = Killswitch(fleet.r, fleet.keys)
     if args.action == "engage":
-        doc = switch.engage(args.reason, by=_operator(), running=fleet.budget.running())
-        console.print(f"killswitch ENGAGED: {args.reason}")
+        started = time.monotonic()
+        running = fleet.budget.running()
+        doc = switch.engage(args.reason, by=_operator(), running=running)
+        print(f"killswitch ENGAGED: {args.reason}", flush=True)
+        if args.wait > 0 and running:
+            _report_stops(fleet, switch, running, started, args.wait)
         return 0 if doc["engaged"] else 1
     if args.action == "release":
-        doc = switch.release(by=_operator(), resume=args.resume, enqueue=_enqueue)
-        console.print(f"killswitch released; {doc['resumed']} held agent(s) re-enqueued")
+        doc = release(fleet, by=_operator(), resume=args.resume)
+        out().print(f"killswitch released; {doc['resumed']} held agent(s) re-enqueued")
         return 0
     if args.action == "audit":
         events = switch.audit()
@@ -214,16 +256,27 @@ def cmd_killswitch(args: argparse.Namespace) -> int:
             _print_json(events)
         else:
             for event in events:
-                console.print(json.dumps(event), markup=False, highlight=False)
+                out().print(json.dumps(event), markup=False, highlight=False)
         return 0
     status = switch.status()
     if args.json:
         _print_json(status)
     else:
-        state = "[bold red]ENGAGED[/]" if status["engaged"] else "[green]released[/]"
-        console.print(f"killswitch {state} reason={status['reason']} since={status['engaged_at']} "
-                      f"held={status['held']}")
+        state = "ENGAGED" if status["engaged"] else "released"
+        print(f"killswitch {state} reason={status['reason']} since={status['engaged_at']} held={status['held']}")
     return 0
+
+
+def _report_stops(fleet: Fleet, switch: Killswitch, running: int, started: float, wait: float) -> None:
+    """Wait (up to ``wait`` s) for the running agents to stop, then say how many did and how fast."""
+    deadline = started + wait
+    while time.monotonic() < deadline and fleet.budget.running() > 0:
+        time.sleep(0.05)
+    status = switch.status()
+    left = fleet.budget.running()
+    print(f"{status['stopped']} of {running} running agent(s) stopped, the slowest "
+          f"{status['slowest_stop_seconds']:.2f} s after engage (work committed, state killed)"
+          + (f"; {left} still stopping" if left else ""))
 
 
 def build_spec(args: argparse.Namespace) -> dict[str, Any]:
@@ -249,13 +302,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
     async_result = app.send_task(SPAWN_TASK, kwargs={"spec": spec}, queue=AGENTS_QUEUE)
     if not args.wait:
         doc = {"task_id": spec["task_id"], "celery_task_id": async_result.id}
-        _print_json(doc) if args.json else console.print(f"submitted task {spec['task_id']} ({async_result.id})")
+        _print_json(doc) if args.json else out().print(f"submitted task {spec['task_id']} ({async_result.id})")
         return 0
     result = follow(_fleet(), spec["task_id"], async_result, quiet=args.json, timeout=args.timeout)
     if args.json:
         _print_json(result)
     else:
-        console.print_json(json.dumps(result))
+        out().print_json(json.dumps(result))
     return 0 if result.get("status") == State.COMPLETED.value else 3
 
 
@@ -274,7 +327,7 @@ def follow(fleet: Fleet, task_id: str, async_result: Any, quiet: bool = False,
             line = (f"[{rec['state']}] agent {agent_id} turn {rec.get('turns') or 0} "
                     f"tokens {_tokens(rec):,} {('- ' + rec['last_tool']) if rec.get('last_tool') else ''}")
             if line != last:
-                err.print(line, markup=False, highlight=False, soft_wrap=True)
+                err().print(line, markup=False, highlight=False, soft_wrap=True)
                 last = line
         time.sleep(0.2)
     raise TimeoutError(f"no result for task {task_id} within {timeout}s")
@@ -284,7 +337,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     """Serve Prometheus metrics of the whole fleet (read from Valkey on each scrape)."""
     from orchestrator.metrics import serve
 
-    err.print(f"serving fleet metrics on http://{args.host}:{args.port}/metrics (Ctrl-C stops)")
+    err().print(f"serving fleet metrics on http://{args.host}:{args.port}/metrics (Ctrl-C stops)")
     serve(args.port, args.host)
     return 0
 
@@ -335,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     ks_sub = ks.add_subparsers(dest="action", required=True)
     e = ks_sub.add_parser("engage")
     e.add_argument("--reason", required=True)
+    e.add_argument("--wait", type=float, default=10.0,
+                   help="seconds to wait for running agents to stop before reporting (0: return at once)")
     rel = ks_sub.add_parser("release")
     rel.add_argument("--resume", action="store_true", help="enqueue held agents again")
     st = ks_sub.add_parser("status")
@@ -371,8 +426,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except redis.ConnectionError as exc:
+        from orchestrator.settings import get_settings, redact_url
+
         url = redact_url(get_settings().state_redis_url)
-        err.print(f"[red]cannot reach Valkey at {url}[/]: {exc}\n"
+        err().print(f"[red]cannot reach Valkey at {url}[/]: {exc}\n"
                   "Start it (e.g. `valkey-server --port 6379`) or point ORCHESTRATOR_BROKER_URL at a running server.")
         return 2
     except KeyboardInterrupt:

@@ -23,6 +23,33 @@ class Keys:
         """Hash: one agent's record (fields JSON-encoded)."""
         return f"{self.prefix}agent:{agent_id}"
 
+    def events(self, agent_id: str) -> str:
+        """List: the agent's user-visible events (JSON), oldest first."""
+        return f"{self.prefix}agent:{agent_id}:events"
+
+    def snapshot(self, agent_id: str) -> str:
+        """String: the agent's worktree at its last checkpoint (commits and uncommitted files), for any host."""
+        return f"{self.prefix}snapshot:{agent_id}"
+
+    def rate_limit(self, model: str) -> str:
+        """Hash: the fleet-wide pause of one model after a 429 (until, reason, probe holder) and its latest
+        rate-limit headers."""
+        return f"{self.prefix}ratelimit:{model}"
+
+    def rate_limit_probe(self, model: str) -> str:
+        """String: the one agent allowed to probe a paused model (SET NX PX)."""
+        return f"{self.prefix}ratelimit:{model}:probe"
+
+    @property
+    def dispatch(self) -> str:
+        """Sorted set: agents that need a run message sent, scored by when the sweep should send it."""
+        return f"{self.prefix}dispatch"
+
+    @property
+    def sweep_state(self) -> str:
+        """Hash: the health sweep's memory (last run, since when Valkey is seen up)."""
+        return f"{self.prefix}sweep"
+
     def checkpoint(self, agent_id: str) -> str:
         """String: the agent's transcript, turns and usage after its last completed turn."""
         return f"{self.prefix}checkpoint:{agent_id}"
@@ -171,3 +198,7 @@ class Keys:
     def dead_letters(self) -> str:
         """Sorted set: callbacks given up on, for an operator."""
         return f"{self.prefix}outbox:dead"
+
+    def outbox_claim(self, agent_id: str) -> str:
+        """String: the token of the one deliverer that owns a pending callback for its lease (SET NX PX)."""
+        return f"{self.prefix}outbox-claim:{agent_id}"

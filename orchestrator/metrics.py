@@ -23,9 +23,10 @@ from prometheus_client.registry import Collector
 
 from orchestrator.fleet import Fleet
 from orchestrator.killswitch import Killswitch
-from orchestrator.models import State
 from orchestrator.ops import outbox
 from orchestrator.settings import Settings, get_settings
+from orchestrator.states import State
+from orchestrator.store import state_client
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +157,7 @@ def _counter(name: str, doc: str, value: float, **labels: str) -> CounterMetricF
 def metrics_fleet(settings: Settings | None = None) -> Fleet:
     """A fleet whose Valkey client fails fast (a scrape must not wait out the workers' long retries)."""
     s = settings or get_settings()
-    client = redis.Redis.from_url(s.state_redis_url, decode_responses=True, socket_connect_timeout=2,
-                                  socket_timeout=SCRAPE_SOCKET_TIMEOUT_SECONDS)
+    client = state_client(s, retry_seconds=0, socket_connect_timeout=2, socket_timeout=SCRAPE_SOCKET_TIMEOUT_SECONDS)
     return Fleet.create(s, r=client)
 
 

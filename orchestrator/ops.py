@@ -1,7 +1,12 @@
 """Housekeeping run by beat on the ``ops`` queue: health sweep, callbacks, day rollup, worktree cleanup.
 
-Every job is safe to run twice at once (two beats): each stale agent is claimed by an atomic ZREM, callbacks
-by a conditional ZADD, and a day is archived with SET NX.
+Every job is safe to run twice at once (two beats): each state change is a lifecycle verb whose script claims
+what it changes (a second sweeper finds the agent no longer running, a dispatch entry already pushed forward),
+each callback is owned through a claim key while it is sent, and a day is archived with SET NX.
+
+A recovery needs proof of death: a heartbeat older than the timeout *while the sweep could see Valkey*. After a
+gap in the sweeps (Valkey or beat was away) every heartbeat looks old, so the sweep first gives live workers one
+whole timeout to beat again before it presumes anyone dead. A Valkey outage therefore never counts as a death.
 """
 
 from __future__ import annotations
@@ -15,11 +20,13 @@ from zoneinfo import ZoneInfo
 
 from orchestrator.callbacks import Outbox, SendTask
 from orchestrator.fleet import Fleet
-from orchestrator.killswitch import Killswitch
-from orchestrator.models import AgentResult, State, Usage, iso, utcnow
-from orchestrator.runner import wake_waiters
+from orchestrator.keys import RECORD_TTL_SECONDS
+from orchestrator.killswitch import Killswitch, kill
+from orchestrator.states import State
 
 log = logging.getLogger(__name__)
+
+DEAD_REASON = "heartbeat older than the timeout: worker presumed dead"
 
 
 def outbox(fleet: Fleet) -> Outbox:
@@ -27,16 +34,7 @@ def outbox(fleet: Fleet) -> Outbox:
     s = fleet.settings
     secret = s.webhook_secret.get_secret_value() if s.webhook_secret else None
     return Outbox(fleet.r, fleet.keys, secret, s.callback_retry_base_seconds, s.callback_retry_max_seconds,
-                  s.callback_give_up_hours * 3600)
-
-
-def queue_callback(fleet: Fleet, result: AgentResult) -> bool:
-    """Put a finished agent's result in the outbox if its spec asked for a callback; True if it did."""
-    rec = fleet.store.get(result.agent_id or "") if result.agent_id else None
-    callback = ((rec or {}).get("spec") or {}).get("callback")
-    if callback:
-        outbox(fleet).put(str(result.agent_id), callback, result.to_json())
-    return bool(callback)
+                  s.callback_give_up_hours * 3600, allowed_hosts=s.webhook_allowed_hosts)
 
 
 def deliver_callbacks(fleet: Fleet, send_task: SendTask) -> dict[str, Any]:
@@ -44,38 +42,58 @@ def deliver_callbacks(fleet: Fleet, send_task: SendTask) -> dict[str, Any]:
     return outbox(fleet).deliver_due(send_task)
 
 
+def visible_since(fleet: Fleet, now: float) -> float:
+    """Since when the sweeps have seen Valkey without a gap (now, if the last sweep is too long ago)."""
+    s = fleet.settings
+    key = fleet.keys.sweep_state
+    last, since = cast(list[str | None], fleet.r.hmget(key, "last", "since"))
+    gap_limit = max(3 * s.health_sweep_interval_seconds, s.heartbeat_timeout_seconds)
+    if last is None or since is None or now - float(last) > gap_limit:
+        if last is not None:
+            log.warning("first health sweep after %.0f s without one: live workers get %.0f s to beat before anyone "
+                        "is presumed dead", now - float(last), s.heartbeat_timeout_seconds)
+        since = str(now)
+    fleet.r.hset(key, mapping={"last": str(now), "since": since})
+    return float(since)
+
+
 def health_sweep(fleet: Fleet, now: float | None = None) -> dict[str, Any]:
-    """Recover agents whose heartbeat is older than the timeout; cost grows with stale agents only."""
+    """Recover dead runs, enforce deadlines, send overdue run messages, wake waiters; cost grows with stale only."""
     started = time.perf_counter()
     moment = now or time.time()
     s = fleet.settings
     expired = fleet.budget.expire_reservations()
-    stale = cast(list[str], fleet.r.zrangebyscore(fleet.keys.heartbeats, "-inf",
-                                                  moment - s.heartbeat_timeout_seconds, 0, 1000))
-    recovered, failed = [], []
-    for agent_id in stale:
-        if not fleet.r.zrem(fleet.keys.heartbeats, agent_id):
-            continue  # another sweeper claimed it
-        lease_left = fleet.leases.seconds_left(agent_id)
-        if lease_left > 0:
-            # Its lease is still live (it died between renewing the lease and beating, or it is slow): look again
-            # the moment the lease runs out, not a whole timeout later.
-            fleet.r.zadd(fleet.keys.heartbeats, {agent_id: moment - s.heartbeat_timeout_seconds + lease_left})
-            continue
-        if recover_agent(fleet, agent_id, "heartbeat older than the timeout: worker presumed dead"):
-            recovered.append(agent_id)
-        else:
-            failed.append(agent_id)
+    stale_before = moment - s.heartbeat_timeout_seconds
+    since = visible_since(fleet, moment)
+    recovered: list[str] = []
+    stale: list[str] = []
+    if since <= stale_before:
+        stale = cast(list[str], fleet.r.zrangebyscore(fleet.keys.heartbeats, "-inf", stale_before, 0, 1000))
+        for agent_id in stale:
+            done, count, score = fleet.lifecycle.recover(agent_id, stale_before, DEAD_REASON)
+            if done == 1:
+                log.warning("recovering agent %s (recovery %d): %s", agent_id, count, DEAD_REASON)
+                recovered.append(agent_id)
+                fleet.dispatch(agent_id, score)
     overdue = enforce_deadlines(fleet, moment)
-    woken = wake_waiters(fleet)
-    pipe = fleet.r.pipeline()
+    resent = resend_dispatch(fleet)
+    woken = fleet.wake()
+    pipe = fleet.r.pipeline(transaction=False)
     pipe.hincrby(fleet.keys.stats, "sweep_runs", 1)
-    pipe.hincrby(fleet.keys.stats, "recoveries", len(recovered))
-    pipe.hincrby(fleet.keys.stats, "recoveries_given_up", len(failed))
     pipe.hset(fleet.keys.stats, "last_sweep_at", str(moment))
+    pipe.zremrangebyscore(fleet.keys.agents_all, "-inf", moment - RECORD_TTL_SECONDS)
     pipe.execute()
-    return {"stale": len(stale), "recovered": recovered, "failed": failed, "expired_reservations": expired,
-            "overdue": overdue, "woken": woken, "seconds": round(time.perf_counter() - started, 4)}
+    return {"stale": len(stale), "recovered": recovered, "expired_reservations": expired, "overdue": overdue,
+            "resent": resent, "woken": woken, "paused": since > stale_before,
+            "seconds": round(time.perf_counter() - started, 4)}
+
+
+def resend_dispatch(fleet: Fleet) -> int:
+    """Send the run messages still owed (their sender died, or the broker refused them); returns how many."""
+    sent = 0
+    for agent_id, score in fleet.lifecycle.claim_dispatch():
+        sent += fleet.dispatch(agent_id, score)
+    return sent
 
 
 def enforce_deadlines(fleet: Fleet, now: float) -> list[str]:
@@ -84,12 +102,11 @@ def enforce_deadlines(fleet: Fleet, now: float) -> list[str]:
     Each agent's own supervisor does this locally; the sweep is the backstop for one that cannot.
     """
     overdue = cast(list[str], fleet.r.zrangebyscore(fleet.keys.deadlines, "-inf", now, 0, 1000))
-    switch = Killswitch(fleet.r, fleet.keys)
     for agent_id in overdue:
         if not fleet.r.zrem(fleet.keys.deadlines, agent_id):
-            continue
+            continue  # another sweeper has it
         if fleet.budget.hard:
-            switch.kill_agent(agent_id, "duration limit reached", status=State.TIMED_OUT)
+            kill(fleet, agent_id, "duration limit reached", status=State.TIMED_OUT)
         else:
             fleet.store.add_event(agent_id, "warning", "duration limit passed (soft mode: the agent goes on)")
     return overdue
@@ -104,43 +121,6 @@ def hand_back_worker(fleet: Fleet, worker: str) -> list[str]:
             switch.publish_stop(rec["agent_id"], f"worker {worker} is shutting down", State.RECOVERING)
             handed.append(rec["agent_id"])
     return handed
-
-
-def recover_agent(fleet: Fleet, agent_id: str, reason: str) -> bool:
-    """Fence out the old run and re-enqueue the agent from its checkpoint; False if it failed for good."""
-    rec = fleet.store.get(agent_id)
-    if rec is None or State(rec["state"]).final:
-        return False
-    fleet.leases.fence_out(agent_id)
-    fleet.budget.release_slot(agent_id)
-    recoveries = int(rec.get("recoveries") or 0) + 1
-    if recoveries > fleet.settings.max_recoveries:
-        result = AgentResult(
-            agent_id=agent_id, task_id=rec.get("task_id"), status=State.FAILED, worker=rec.get("worker"),
-            branch=rec.get("branch"), turns=int(rec.get("turns") or 0),
-            usage=Usage.model_validate(rec.get("usage") or {}),
-            error=f"{reason}; gave up after {fleet.settings.max_recoveries} recoveries",
-            started_at=rec.get("started_at"), finished_at=iso(utcnow()),
-            metadata=(rec.get("spec") or {}).get("metadata") or {},
-        )
-        fleet.store.finish(agent_id, result)
-        fleet.store.add_event(agent_id, "failed", result.error or "")
-        queue_callback(fleet, result)
-        return False
-    fleet.store.update(agent_id, state=State.RECOVERING.value, recoveries=recoveries)
-    fleet.store.add_event(agent_id, "recovering", f"{reason} (recovery {recoveries})")
-    log.warning("recovering agent %s: %s", agent_id, reason)
-    requeue(fleet, agent_id)
-    return True
-
-
-def requeue(fleet: Fleet, agent_id: str) -> None:
-    """Enqueue an agent again; if the broker refuses, leave it for the next sweep rather than lose it."""
-    try:
-        fleet.enqueue(agent_id)
-    except Exception:
-        log.exception("could not enqueue agent %s; the next sweep retries", agent_id)
-        fleet.r.zadd(fleet.keys.heartbeats, {agent_id: 0})
 
 
 def budget_rollup(fleet: Fleet, now: float | None = None) -> dict[str, Any]:
@@ -163,7 +143,7 @@ def cleanup_worktrees(fleet: Fleet, now: float | None = None) -> dict[str, Any]:
     for path in sorted(root.iterdir()) if root.exists() else []:
         agent_id = path.name
         rec = fleet.store.get(agent_id)
-        if fleet.leases.holder(agent_id) is not None:
+        if fleet.r.exists(fleet.keys.lease(agent_id)):
             continue
         finished = rec.get("finished_at") if rec else None
         if rec is not None and (not State(rec["state"]).final or rec["state"] == State.KILLED.value):

@@ -1,26 +1,31 @@
-"""Per-model prices (USD per million tokens) and the cost of a usage.
+"""Per-model prices (USD per million tokens), context windows, and the cost of a usage.
 
 Prices are Anthropic's list prices: input, output, 5-minute cache write (1.25x input) and cache read (0.1x input).
 A model not in the table is priced at the most expensive tier (``FALLBACK``) and flagged, never silently $0.
+Every current Claude model has a 200,000-token context window (input + ``max_tokens``); the fleet's
+``context_window_tokens`` setting overrides it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+DEFAULT_CONTEXT_WINDOW = 200_000
+
 
 @dataclass(frozen=True)
 class Price:
-    """USD per million tokens."""
+    """USD per million tokens, and the model's context window in tokens."""
 
     input: float
     output: float
     cache_write: float
     cache_read: float
+    context_window: int = DEFAULT_CONTEXT_WINDOW
 
 
-def _tier(input_price: float, output_price: float) -> Price:
-    return Price(input_price, output_price, input_price * 1.25, input_price * 0.1)
+def _tier(input_price: float, output_price: float, context_window: int = DEFAULT_CONTEXT_WINDOW) -> Price:
+    return Price(input_price, output_price, input_price * 1.25, input_price * 0.1, context_window)
 
 
 OPUS_TIER = _tier(5.0, 25.0)
@@ -57,6 +62,11 @@ def price_for(model: str) -> tuple[Price, bool]:
     if base in PRICES:
         return PRICES[base], True
     return FALLBACK, False
+
+
+def context_window_for(model: str, override: int | None = None) -> int:
+    """Tokens of input plus ``max_tokens`` one call of ``model`` may hold (``override``: the fleet's setting)."""
+    return override or price_for(model)[0].context_window
 
 
 def cost_micro_usd(model: str, input_tokens: int, output_tokens: int, cache_write: int, cache_read: int) -> int:

@@ -1,31 +1,37 @@
-"""One agent's run from intake to result: admission, lease, worktree, loop, gates, commit, result.
+"""One agent's run from intake to result: admission, worktree, loop, gates, commit, push, result.
 
 Plain functions over a ``Fleet``; the Celery task in ``workers/tasks.py`` only calls ``intake`` and ``execute``.
+Every change of the agent's state goes through ``orchestrator.lifecycle``.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import time
 import uuid
-from datetime import datetime
 from typing import Any
 
-from orchestrator.agent.loop import AgentLoop, Checkpoint, LoopConfig, StopRun, StopSignal
+from orchestrator.agent.loop import AgentLoop, Checkpoint, LoopConfig, StopSignal
 from orchestrator.agent.model import ModelClient
-from orchestrator.agent.tools import TOOL_DEFINITIONS, Toolbox
+from orchestrator.agent.tools import TOOL_DEFINITIONS, Toolbox, safe_env
 from orchestrator.budget import AgentLedger
+from orchestrator.errors import StaleFence, StopRun
 from orchestrator.fleet import Fleet
-from orchestrator.gates import gate_feedback, run_gates
-from orchestrator.killswitch import Killswitch
+from orchestrator.gates import GATE_OUTPUT_LIMIT, gate_feedback, run_gates
+from orchestrator.killswitch import Killswitch, parse_stop_request
+from orchestrator.lifecycle import Admission, BeatReply
 from orchestrator.logs import set_agent_context
-from orchestrator.models import AgentResult, AgentSpec, GateResult, Rejection, State, Usage, iso, utcnow, validate_spec
-from orchestrator.pricing import price_for
+from orchestrator.models import AgentResult, AgentSpec, GateResult, Rejection, Usage, iso, utcnow, validate_spec
+from orchestrator.pricing import context_window_for, price_for
+from orchestrator.ratelimit import RateLimiter
+from orchestrator.results import callback_entry, finish_unstarted, result_fields
+from orchestrator.sandbox import Sandbox, SandboxConfig
 from orchestrator.settings import redact_text
-from orchestrator.store import StaleFence
+from orchestrator.states import State
 from orchestrator.supervisor import Supervisor
-from orchestrator.workspace import WorkspaceError, Worktree
+from orchestrator.workspace import Snapshot, WorkspaceError, Worktree
 
 log = logging.getLogger(__name__)
 
@@ -35,124 +41,109 @@ and edit files; paths are relative to the worktree. Make the change the task ask
 and when you are done reply with a short summary of what you changed. Your changes are committed for you."""
 
 
-def intake(fleet: Fleet, raw: Any, celery_task_id: str | None) -> AgentResult | str:
-    """Validate a spec and register its agent: the agent id, or a final ``rejected``/``duplicate`` result."""
-    parsed = validate_spec(raw)
+def new_record(spec: AgentSpec, celery_task_id: str | None) -> dict[str, Any]:
+    """The record of a freshly registered agent (the lifecycle fills in its id and default branch)."""
+    return {
+        "task_id": spec.task_id, "state": State.QUEUED.value, "worker": None, "turns": 0, "usage": None,
+        "heartbeat_at": None, "started_at": None, "finished_at": None, "branch": spec.branch, "commit": None,
+        "error": None, "created_at": iso(utcnow()), "celery_task_id": celery_task_id, "priority": spec.priority,
+        "spec": spec.model_dump(mode="json"), "recoveries": 0, "result": None, "window_start": None,
+    }
+
+
+def intake(fleet: Fleet, raw: Any, celery_task_id: str | None) -> AgentResult | tuple[str, float]:
+    """Validate a spec and register its agent: (agent_id, dispatch score), or a ``rejected``/``duplicate`` result.
+
+    The dispatch score is 0 for a redelivered intake message (its agent was registered already).
+    """
+    s = fleet.settings
+    parsed = validate_spec(raw, workspace_dir=s.workspace_dir, key_prefix=s.key_prefix,
+                           webhook_allowed_hosts=s.webhook_allowed_hosts)
     now = iso(utcnow())
     if isinstance(parsed, Rejection):
         fleet.store.reject(parsed)
         fleet.r.hincrby(fleet.keys.stats, f"finished:{State.REJECTED.value}", 1)
         log.warning("rejected spec (task_id=%s): %s", parsed.task_id, parsed.summary())
-        meta = raw.get("metadata") if isinstance(raw, dict) else None
-        metadata: dict[str, Any] = meta if isinstance(meta, dict) else {}
         return AgentResult(agent_id=None, task_id=parsed.task_id, status=State.REJECTED, error=parsed.summary(),
-                           started_at=now, finished_at=now, metadata=metadata)
-    agent_id, created = fleet.store.create(parsed, celery_task_id)
+                           started_at=now, finished_at=now, metadata=parsed.metadata or {})
+    agent_id, created, score = fleet.lifecycle.create(new_record(parsed, celery_task_id), parsed.task_id)
     if created:
-        return agent_id
+        return agent_id, score
     existing = fleet.store.get(agent_id) or {}
     if celery_task_id and existing.get("celery_task_id") == celery_task_id:
-        return agent_id  # the same message delivered again: not a new spec; the lease decides who runs
+        return agent_id, 0.0  # the same message delivered again: not a new spec; admission decides who runs
     fleet.r.hincrby(fleet.keys.stats, f"finished:{State.DUPLICATE.value}", 1)
     return AgentResult(agent_id=agent_id, task_id=parsed.task_id, status=State.DUPLICATE,
                        branch=existing.get("branch"), error=f"task_id {parsed.task_id!r} already has agent {agent_id}",
                        started_at=now, finished_at=now, metadata=parsed.metadata)
 
 
+def duration_seconds(fleet: Fleet, spec: AgentSpec) -> float:
+    """The agent's duration limit: the fleet's, lowered (never raised) by its spec."""
+    minutes = fleet.settings.max_task_duration_minutes
+    if spec.max_duration_minutes:
+        minutes = min(minutes, spec.max_duration_minutes)
+    return float(minutes * 60)
+
+
 def execute(fleet: Fleet, agent_id: str, worker: str) -> AgentResult | None:
     """Run (or resume) an agent to its result; None when this delivery must not act (held, waiting, owned)."""
     rec = fleet.store.get(agent_id)
     if rec is None:
-        return AgentResult(agent_id=agent_id, task_id=None, status=State.FAILED, error="unknown agent")
-    state = State(rec["state"])
-    if state.final:
-        return AgentResult.model_validate(rec["result"]) if rec.get("result") else None
+        log.warning("agent %s has no record (expired or never registered): nothing to run", agent_id)
+        return None
     spec = AgentSpec.model_validate(rec["spec"])
-    switch = Killswitch(fleet.r, fleet.keys)
-    requested = switch.kill_requested(agent_id)
-    if requested is not None and not rec.get("started_at"):
-        return finish_unstarted(fleet, rec, requested[0], f"stopped before it started: {requested[1]}")
-    if switch.engaged():
-        switch.hold(agent_id, spec.priority)
-        fleet.store.update(agent_id, state=State.HELD.value)
+    holder = f"{worker}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    adm = fleet.lifecycle.admit(agent_id, holder, worker, priority=spec.priority,
+                                duration_seconds=duration_seconds(fleet, spec))
+    if adm.outcome == "final":  # a redelivered message of a finished agent: its stored result, nothing else
+        done = fleet.store.get(agent_id) or rec
+        return AgentResult.model_validate(done["result"]) if done.get("result") else None
+    if adm.outcome in ("unknown", "busy"):
+        log.info("agent %s: %s; this delivery does nothing", agent_id, adm.outcome)
+        return None
+    if adm.outcome == "held":
         fleet.store.add_event(agent_id, "held", "killswitch engaged: held until release --resume")
         return None
-    holder = f"{worker}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    fence = fleet.leases.acquire(agent_id, holder, fleet.settings.heartbeat_timeout_seconds)
-    if fence is None:
-        log.info("agent %s is already running elsewhere; this delivery does nothing", agent_id)
+    if adm.outcome == "waiting":
+        fleet.store.add_event(agent_id, "waiting", "no free concurrency slot: waiting in the queue")
+        fleet.wake()  # a slot freed between another run's wake and this park is not lost
         return None
-    run: AgentRun | None = None
+    if adm.outcome == "stop":
+        request = Killswitch(fleet.r, fleet.keys).kill_requested(agent_id) or (State.KILLED, "killed")
+        return finish_unstarted(fleet, rec, request[0], f"stopped before it started: {request[1]}", fence=adm.fence)
+    if adm.outcome == "give_up":
+        fleet.r.hincrby(fleet.keys.stats, "recoveries_given_up", 1)
+        return finish_unstarted(fleet, rec, State.FAILED, f"worker presumed dead; gave up after "
+                                f"{fleet.settings.max_recoveries} recoveries", fence=adm.fence)
+    return _run_admitted(fleet, rec, spec, worker, holder, adm)
+
+
+def _run_admitted(fleet: Fleet, rec: dict[str, Any], spec: AgentSpec, worker: str, holder: str,
+                  adm: Admission) -> AgentResult | None:
+    agent_id = rec["agent_id"]
+    rec = fleet.store.get(agent_id) or rec  # as admission left it (started_at, window)
+    if adm.over_limit:
+        fleet.store.add_event(agent_id, "warning", "concurrency limit passed (soft mode: running anyway)")
+    run = AgentRun(fleet, rec, spec, worker, holder, adm)
+    set_agent_context(agent_id, spec.task_id)
     try:
-        if not _admit(fleet, agent_id, spec, fence):
-            return None
-        run = AgentRun(fleet, rec, spec, worker, holder, fence)
-        set_agent_context(agent_id, spec.task_id)
-        try:
-            return run.run()
-        finally:
-            set_agent_context(None, None)
-            fleet.budget.release_slot(agent_id)
+        return run.run()
     except StaleFence:
-        log.warning("agent %s: lease lost to a newer run; this worker writes nothing more", agent_id)
+        log.warning("agent %s: a newer run owns it; this worker writes nothing more", agent_id)
         return None
     finally:
-        # Only once the lease is free may this agent (handed back, or just parked) be delivered again.
-        fleet.leases.release(agent_id, holder, fence)
-        if run is not None and run.handed_back:
-            from orchestrator.ops import requeue  # ops builds on this module
-
-            requeue(fleet, agent_id)
-        wake_waiters(fleet)
-
-
-def finish_unstarted(fleet: Fleet, rec: dict[str, Any], status: State, error: str) -> AgentResult:
-    """Give an agent that never ran its final result (killed while queued or held)."""
-    now = iso(utcnow())
-    result = AgentResult(agent_id=rec["agent_id"], task_id=rec.get("task_id"), status=status, branch=rec.get("branch"),
-                         error=error, started_at=now, finished_at=now,
-                         metadata=(rec.get("spec") or {}).get("metadata") or {})
-    fleet.store.finish(rec["agent_id"], result)
-    fleet.r.zrem(fleet.keys.held, rec["agent_id"])
-    fleet.r.zrem(fleet.keys.waiting, rec["agent_id"])
-    return result
-
-
-def _admit(fleet: Fleet, agent_id: str, spec: AgentSpec, fence: int) -> bool:
-    """Take a concurrency slot; in hard mode with none free, park the agent until one frees."""
-    budget = fleet.budget
-    if budget.acquire_slot(agent_id):
-        return True
-    if not budget.hard:
-        budget.acquire_slot(agent_id, force=True)
-        fleet.store.add_event(agent_id, "warning", "concurrency limit passed (soft mode: running anyway)")
-        log.warning("agent %s runs past the concurrency limit (soft mode)", agent_id)
-        return True
-    fleet.r.zadd(fleet.keys.waiting, {agent_id: -spec.priority * 1e10 + time.time()})
-    fleet.store.update(agent_id, fence, state=State.QUEUED.value)
-    fleet.store.add_event(agent_id, "waiting", "no free concurrency slot: waiting in the queue")
-    return False  # execute() wakes waiters after releasing the lease, so a slot freed meanwhile is not lost
-
-
-def wake_waiters(fleet: Fleet) -> int:
-    """Enqueue waiting agents for the free slots (highest priority first); returns how many."""
-    free = fleet.settings.max_concurrent_agents - fleet.budget.running()
-    woken = 0
-    while free > 0:
-        popped = fleet.r.zpopmin(fleet.keys.waiting, 1)
-        if not popped:
-            break
-        fleet.enqueue(str(popped[0][0]))
-        woken += 1
-        free -= 1
-    return woken
+        set_agent_context(None, None)
+        if run.dispatch_score:
+            fleet.dispatch(agent_id, run.dispatch_score)
+        fleet.wake()
 
 
 class AgentRun:
     """State of one run in this process: the stop signal, the ledger, the model and tools in use."""
 
     def __init__(self, fleet: Fleet, rec: dict[str, Any], spec: AgentSpec, worker: str, holder: str,
-                 fence: int) -> None:
+                 adm: Admission) -> None:
         self.fleet = fleet
         self.s = fleet.settings
         self.rec = rec
@@ -160,17 +151,22 @@ class AgentRun:
         self.agent_id: str = rec["agent_id"]
         self.worker = worker
         self.holder = holder
-        self.fence = fence
+        self.fence = adm.fence
+        self.deadline = adm.window_start + duration_seconds(fleet, spec)
         self.stop = StopSignal()
         self.model_name = spec.model or self.s.model
         self.agent_limit = min(self.s.agent_token_limit, spec.token_limit or self.s.agent_token_limit)
         self.warnings: list[str] = []
-        self.ledger = AgentLedger(fleet.budget, self.agent_id, self.agent_limit, self.model_name, self.warn,
-                                  guard=self.check_fence)
+        self.ledger = AgentLedger(fleet.budget, self.agent_id, self.agent_limit, self.model_name, self.warn)
+        self.limiter = RateLimiter(fleet.r, fleet.keys, self.model_name, self.stop,
+                                   max_wait=self.s.rate_limit_max_wait_seconds, on_wait=self._waiting)
         self.model: ModelClient | None = None
-        self.toolbox: Toolbox | None = None
+        self.toolboxes: list[Toolbox] = []
         self.checkpoint: Checkpoint | None = None
-        self.handed_back = False
+        self.dispatch_score = 0.0  # set when the run hands the agent back: its message is sent after the run
+        self.worktree: Worktree | None = None
+        self.snapshot_key: str | None = None
+        self.snapshot_warned = False
         self.last_progress = time.time()
         self.stuck_flagged = False
 
@@ -181,82 +177,71 @@ class AgentRun:
         log.warning("agent %s: %s", self.agent_id, message)
         self.fleet.store.add_event(self.agent_id, "warning", message)
 
-    def check_fence(self) -> None:
-        """Raise StaleFence if a newer run owns the agent (checked before every model call and commit)."""
-        if self.fleet.r.get(self.fleet.keys.fence(self.agent_id)) != str(self.fence):
-            raise StaleFence(f"agent {self.agent_id}: a newer run owns it")
-
     def stuck(self, reason: str) -> None:
         """An agent that loops or makes no progress: flag it, and stop it if the settings say so."""
         if not self.stuck_flagged:
             self.stuck_flagged = True
             log.warning("agent %s looks stuck: %s", self.agent_id, reason)
-            self.fleet.store.update(self.agent_id, self.fence, stuck=reason)
+            self.fleet.lifecycle.save(self.agent_id, self.fence, stuck=reason)
             self.fleet.store.add_event(self.agent_id, "stuck", reason)
         if self.s.stuck_action == "stop":
             raise StopRun(State.FAILED, f"stuck: {reason}")
 
     def request_stop(self, status: State, reason: str) -> None:
-        """Stop now: cut the model call and kill the shell command in flight."""
+        """Stop now: cut the model call and kill the shell command or gate in flight (thread-safe)."""
         if not self.stop.request(status, reason):
             return
         log.warning("agent %s stopping: %s (%s)", self.agent_id, status.value, reason)
         if self.model is not None:
             self.model.cancel()
-        if self.toolbox is not None:
-            self.toolbox.kill_running()
+        for box in self.toolboxes:
+            box.kill_running()
 
-    def beat(self) -> bool:
-        """Heartbeat: renew the lease, the slot and the open reservation; publish progress."""
-        if not self.fleet.leases.renew(self.agent_id, self.holder, self.fence, self.s.heartbeat_timeout_seconds):
-            return False
-        now = time.time()
+    def beat(self) -> BeatReply:
+        """Heartbeat: renew lease, slot and open reservation; publish progress; read the persisted stops."""
         cp = self.checkpoint
         fields: dict[str, Any] = {"heartbeat_at": iso(utcnow())}
         if cp is not None:
             fields.update(turns=cp.turns, usage=cp.usage.model_dump(), last_tool=cp.last_tool)
-        self.fleet.store.update(self.agent_id, self.fence, **fields)
-        self.fleet.r.zadd(self.fleet.keys.heartbeats, {self.agent_id: now})
-        self.fleet.budget.acquire_slot(self.agent_id, force=True)
-        if self.ledger.open is not None:
-            self.fleet.budget.renew(self.ledger.open.id)
-        idle = now - self.last_progress
-        if idle > self.s.stuck_no_progress_minutes * 60:
+        res = self.ledger.open
+        reply = self.fleet.lifecycle.beat(self.agent_id, self.holder, self.fence,
+                                          reservation_id=res.id if res is not None else None,
+                                          reservation_lease_seconds=self.s.reservation_lease_seconds, **fields)
+        idle = time.time() - self.last_progress
+        if reply.owned and idle > self.s.stuck_no_progress_minutes * 60:
             try:
                 self.stuck(f"no progress for {idle / 60:.0f} minutes")
             except StopRun as stop:
                 self.request_stop(stop.status, stop.reason)
-        return True
+        return reply
+
+    def on_stop_request(self, raw: str) -> None:
+        """A persisted kill for this agent (from a beat)."""
+        request = parse_stop_request(raw)
+        if request is not None:
+            self.request_stop(*request)
 
     # -- the run ------------------------------------------------------------------------------------------
     def run(self) -> AgentResult | None:
         """Run to a result (None when handed back); the work so far is committed whatever ends the run."""
-        started_at: str = self.rec.get("started_at") or iso(utcnow()) or ""
-        duration = min(self.s.max_task_duration_minutes, self.spec.max_duration_minutes or 10**9)
-        deadline = datetime.fromisoformat(started_at).timestamp() + duration * 60
-        self.fleet.store.update(self.agent_id, self.fence, state=State.RUNNING.value, worker=self.worker,
-                                started_at=started_at, heartbeat_at=iso(utcnow()))
-        self.fleet.r.zadd(self.fleet.keys.heartbeats, {self.agent_id: time.time()})
-        self.fleet.r.zadd(self.fleet.keys.deadlines, {self.agent_id: deadline})
         if not price_for(self.model_name)[1]:
             self.warn(f"model {self.model_name!r} has no price in the table: its cost is estimated at the fallback "
                       "(most expensive) tier")
         supervisor = Supervisor(
-            self.fleet.r, self.fleet.keys, self.agent_id, interval=self.s.heartbeat_interval_seconds,
-            beat=self.beat, stop=self.request_stop, deadline=deadline,
-            hard_deadline=self.fleet.budget.hard, on_warning=self.warn,
+            self.agent_id, self.fleet.keys.stop_channel, self.fleet.r, interval=self.s.heartbeat_interval_seconds,
+            beat=self.beat, stop=self.request_stop, on_stop_request=self.on_stop_request, deadline=self.deadline,
+            hard_deadline=self.fleet.budget.hard, on_warning=self.warn, on_pause=self.limiter.on_message,
         ).start()
-        status, error, commit, wt = State.COMPLETED, None, None, None
+        status, error, wt = State.COMPLETED, None, None
         gates: list[GateResult] = []
+        handed_back = False
         try:
-            supervisor.check_persisted_stop()
-            wt = self.fleet.workspace.prepare(self.agent_id, self.spec.repo, self.spec.base_branch,
-                                              self.rec["branch"])
-            self.fleet.store.update(self.agent_id, self.fence, worktree=str(wt.path))
+            wt = self._prepare()
+            self.fleet.lifecycle.save(self.agent_id, self.fence, worktree=str(wt.path))
             status, error, gates = self._drive(wt)
         except StopRun as stop:
             status, error = stop.status, stop.reason
-            self.handed_back = stop.status == State.RECOVERING
+            handed_back = stop.status == State.RECOVERING
         except StaleFence:
             raise
         except WorkspaceError as exc:
@@ -267,47 +252,49 @@ class AgentRun:
         finally:
             self.ledger.release_open()
             supervisor.close()
+        commit = None
         if wt is not None:
-            commit, push_error = self._commit_and_push(wt, status, gates)
-            error = error or push_error
-        if self.handed_back:
-            self._hand_back(error or "handed back")
+            status, error, commit = self._commit_and_push(wt, status, error)
+        if handed_back:
+            self.dispatch_score = self.fleet.lifecycle.hand_back(
+                self.agent_id, self.holder, self.fence, f"{error or 'handed back'} (worker {self.worker})")
+            log.warning("agent %s handed back: %s", self.agent_id, error)
             return None
-        return self._finish(status, error, gates, commit, started_at)
-
-    def _hand_back(self, reason: str) -> None:
-        """The worker is shutting down: leave the agent to resume from its checkpoint on another worker."""
-        self.check_fence()
-        self.fleet.store.update(self.agent_id, self.fence, state=State.RECOVERING.value)
-        self.fleet.store.add_event(self.agent_id, "recovering", f"{reason} (worker {self.worker})")
-        self.fleet.r.zrem(self.fleet.keys.heartbeats, self.agent_id)
-        log.warning("agent %s handed back: %s", self.agent_id, reason)
+        return self._finish(status, error, gates, commit)
 
     def _drive(self, wt: Worktree) -> tuple[State, str | None, list[GateResult]]:
-        toolbox = Toolbox(wt.path, shell_timeout=self.s.shell_timeout_seconds, output_limit=self.s.tool_output_limit)
-        self.toolbox = toolbox
+        sandbox = self._sandbox(wt)
+        agent_box = Toolbox(wt.path, shell_timeout=self.s.shell_timeout_seconds, output_limit=self.s.tool_output_limit,
+                            sandbox=sandbox)
+        gate_box = Toolbox(wt.path, output_limit=GATE_OUTPUT_LIMIT, sandbox=sandbox)
+        self.toolboxes = [agent_box, gate_box]
         model = ModelClient(self.fleet.anthropic_factory(), self.model_name, SYSTEM_PROMPT.format(path=wt.path),
                             TOOL_DEFINITIONS, user_id=self.agent_id)
         self.model = model
-        if self.stop.is_set():
+        if self.stop.is_set():  # a stop that came before the model and tools existed
             model.cancel()
+            for box in self.toolboxes:
+                box.kill_running()
         saved = self.fleet.store.load_checkpoint(self.agent_id)
         cp = Checkpoint.from_json(saved) if saved else Checkpoint(messages=[{"role": "user",
                                                                             "content": self.spec.prompt}])
         self.checkpoint = cp
         max_turns = self.spec.max_turns or self.s.max_turns
         config = LoopConfig(max_turns=max_turns, max_tokens_per_turn=self.s.max_tokens_per_turn,
-                            stuck_repeats=self.s.stuck_repeat_limit)
-        loop = AgentLoop(model, toolbox, self.ledger, self.stop, config, on_checkpoint=self._save_checkpoint,
-                         on_progress=self._progress, on_stuck=self.stuck)
+                            stuck_repeats=self.s.stuck_repeat_limit,
+                            context_window=context_window_for(self.model_name, self.s.context_window_tokens),
+                            keep_tool_results=self.s.context_keep_tool_results)
+        loop = AgentLoop(model, agent_box, self.ledger, self.stop, config, on_checkpoint=self._save_checkpoint,
+                         on_progress=self._progress, on_stuck=self.stuck, limiter=self.limiter)
         gates: list[GateResult] = []
         for attempt in range(1, self.spec.max_gate_attempts + 1):
             cp = loop.run(cp)
             if not self.spec.quality_gates:
                 return State.COMPLETED, None, gates
-            round_results = run_gates(self.spec.quality_gates, wt.path, attempt, self.stop)
+            round_results = run_gates(self.spec.quality_gates, wt.path, attempt, self.stop, toolbox=gate_box,
+                                      time_left=self._time_left)
             gates.extend(round_results)
-            self.fleet.store.update(self.agent_id, self.fence, gates=[g.model_dump() for g in gates])
+            self.fleet.lifecycle.save(self.agent_id, self.fence, gates=[g.model_dump() for g in gates])
             if all(g.passed for g in round_results):
                 return State.COMPLETED, None, gates
             if attempt < self.spec.max_gate_attempts:
@@ -319,49 +306,108 @@ class AgentRun:
         error = f"quality gates failed after {self.spec.max_gate_attempts} attempt(s): {failed}"
         return State.GATES_FAILED, error, gates
 
+    def _sandbox(self, wt: Worktree) -> Sandbox | None:
+        """Where this run's commands and gates run: bubblewrap around the worktree (CONTRACT section 6)."""
+        config = SandboxConfig.from_settings(self.s)
+        if config.mode == "off":
+            self.warn("ORCHESTRATOR_SANDBOX=off: this agent's commands and gates ran unconfined, with the worker's "
+                      "access to files and network")
+            return None
+        hide = [self.s.git_credentials_file] if self.s.git_credentials_file else []
+        return Sandbox(config, wt.path, safe_env(), git=self.fleet.workspace.git_view(self.agent_id, self.spec.repo),
+                       hide=hide)
+
+    def _time_left(self) -> float:
+        """Seconds this run has left (a gate's timeout is capped by it; unlimited in soft mode)."""
+        return self.deadline - time.time() if self.fleet.budget.hard else float("inf")
+
+    def _prepare(self) -> Worktree:
+        """The worktree: rebuilt from the last checkpoint's snapshot when there is one (on any host), else the
+        branch (or the base for a new agent)."""
+        ws = self.fleet.workspace
+        snapshot = self.fleet.store.load_snapshot(self.agent_id)
+        if snapshot is not None:
+            try:
+                wt = ws.prepare(self.agent_id, self.spec.repo, self.spec.base_branch, self.rec["branch"], snapshot)
+                self.worktree = wt
+                return wt
+            except WorkspaceError as exc:
+                self.warn(f"the worktree could not be rebuilt from its last snapshot ({exc}); continuing from the "
+                          "branch's last commit")
+        wt = ws.prepare(self.agent_id, self.spec.repo, self.spec.base_branch, self.rec["branch"])
+        self.worktree = wt
+        return wt
+
     def _save_checkpoint(self, cp: Checkpoint) -> None:
+        """The transcript, and with it (in the same step) the worktree's snapshot once tools may have changed it."""
         self.checkpoint = cp
         self.last_progress = time.time()
-        self.fleet.store.save_checkpoint(self.agent_id, cp.to_json(), self.fence, turns=cp.turns,
-                                         usage=cp.usage.model_dump())
+        snapshot = self._snapshot() if cp.messages and cp.messages[-1]["role"] == "user" else None
+        self.fleet.lifecycle.save(self.agent_id, self.fence, cp.to_json(),
+                                  snapshot=base64.b64encode(snapshot.bundle).decode() if snapshot else None,
+                                  turns=cp.turns, usage=cp.usage.model_dump(), last_tool=cp.last_tool)
+        if snapshot is not None:
+            self.snapshot_key = snapshot.key
+
+    def _snapshot(self) -> Snapshot | None:
+        """The worktree's state for any host, or None when unchanged (or too big: then a warning, once)."""
+        if self.worktree is None:
+            return None
+        try:
+            return self.fleet.workspace.snapshot(self.worktree, self.agent_id, self.spec.base_branch,
+                                                 previous=self.snapshot_key, max_bytes=self.s.snapshot_max_mb << 20)
+        except WorkspaceError as exc:
+            if not self.snapshot_warned:
+                self.snapshot_warned = True
+                self.warn(f"no worktree snapshot ({exc}): a resume on another host would miss the uncommitted work")
+            return None
+
+    def _waiting(self, info: dict[str, Any] | None) -> None:
+        """The record's ``waiting`` field: why and until when the run waits for the model (None: not waiting)."""
+        self.fleet.lifecycle.save(self.agent_id, self.fence, waiting=info)
+        if info is not None:
+            self.fleet.store.add_event(self.agent_id, "waiting", f"{info['reason']} ({info.get('status') or '-'}): "
+                                       f"waiting {max(0.0, info['until'] - time.time()):.0f} s")
 
     def _progress(self, cp: Checkpoint) -> None:
         self.checkpoint = cp
         self.last_progress = time.time()
-        self.fleet.store.update(self.agent_id, self.fence, turns=cp.turns, usage=cp.usage.model_dump(),
-                                last_tool=cp.last_tool, heartbeat_at=iso(utcnow()))
 
     def _commit(self, wt: Worktree, note: str) -> str | None:
-        self.check_fence()
+        self.fleet.lifecycle.save(self.agent_id, self.fence)  # still ours? (StaleFence otherwise)
         message = f"{self.spec.task_id}: agent {self.agent_id} ({note})\n\n{self.spec.prompt[:500]}"
         return self.fleet.workspace.commit(wt, message, f"agent-{self.agent_id}",
                                            f"{self.agent_id}@agents.orchestrator", self.spec.base_branch)
 
     def _commit_and_push(self, wt: Worktree, status: State,
-                         gates: list[GateResult]) -> tuple[str | None, str | None]:
+                         error: str | None) -> tuple[State, str | None, str | None]:
+        """Commit whatever the run left; push when it completed and asked to. (status, error, commit)."""
         try:
             commit = self._commit(wt, status.value)
         except WorkspaceError as exc:
-            return None, f"commit failed: {exc}"
+            reason = f"commit failed, the work is not on the branch: {exc}"
+            return State.FAILED, f"{error}; {reason}" if error else reason, None
         if self.spec.push and status == State.COMPLETED and commit is not None:
             try:
                 self.fleet.workspace.push(wt)
             except WorkspaceError as exc:
-                return commit, f"push failed (the commit stays local): {exc}"
-        return commit, None
+                return State.PUSH_FAILED, f"push failed (the commit stays local): {exc}", commit
+        return status, error, commit
 
-    def _finish(self, status: State, error: str | None, gates: list[GateResult], commit: str | None,
-                started_at: str) -> AgentResult:
+    def _finish(self, status: State, error: str | None, gates: list[GateResult], commit: str | None) -> AgentResult:
         cp = self.checkpoint
         result = AgentResult(
             agent_id=self.agent_id, task_id=self.spec.task_id, status=status, worker=self.worker,
             branch=self.rec["branch"], commit=commit, turns=cp.turns if cp else 0,
-            usage=cp.usage if cp else Usage(), gates=gates, error=error, started_at=started_at,
-            finished_at=iso(utcnow()), metadata=self.spec.metadata, stop_reason=cp.stop_reason if cp else None,
-            warnings=self.warnings,
+            usage=cp.usage if cp else Usage(), gates=gates, error=error,
+            started_at=self.rec.get("started_at") or iso(utcnow()), finished_at=iso(utcnow()),
+            metadata=self.spec.metadata, stop_reason=cp.stop_reason if cp else None, warnings=self.warnings,
         )
-        self.fleet.store.finish(self.agent_id, result, self.fence)
-        pipe = self.fleet.r.pipeline()
+        self.fleet.lifecycle.finish(
+            self.agent_id, self.spec.task_id, status, result_fields(result), fence=self.fence,
+            outbox=callback_entry(self.fleet, self.rec["spec"].get("callback"), result),
+            event=f"{status.value}: {error}" if error else None)
+        pipe = self.fleet.r.pipeline(transaction=False)
         for gate in gates:
             pipe.hincrby(self.fleet.keys.stats, "gates_passed" if gate.passed else "gates_failed", 1)
         pipe.execute()

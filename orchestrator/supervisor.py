@@ -1,8 +1,11 @@
 """The watcher beside a running agent: heartbeats, lease renewal, duration limit and stop messages.
 
 One daemon thread beats every ``heartbeat_interval_seconds`` whatever the agent is doing (a long model call or
-shell command does not delay it). A second thread listens on the fleet's stop channel (Valkey pub/sub) and acts
-at once; the persisted stop state is checked on every beat, so a missed message is caught within one interval.
+shell command does not delay it); each beat also reads the persisted stops (killswitch, a kill of this agent),
+so a missed stop message is caught within one interval. A second thread listens on the fleet's stop channel
+(Valkey pub/sub) and acts at once; the same channel carries the fleet's rate-limit pause and resume messages,
+handed to ``on_pause``. Valkey being away does not stop the run: beats fail and are retried, and the
+first beat after it returns takes the lease again (unless a sweep fenced the run out meanwhile).
 """
 
 from __future__ import annotations
@@ -17,9 +20,8 @@ from typing import Any
 
 import redis
 
-from orchestrator.keys import Keys
-from orchestrator.killswitch import parse_stop_request
-from orchestrator.models import State
+from orchestrator.lifecycle import BeatReply
+from orchestrator.states import State
 
 log = logging.getLogger(__name__)
 
@@ -27,27 +29,32 @@ log = logging.getLogger(__name__)
 class Supervisor:
     """Runs the heartbeat and stop-listener threads for one agent run."""
 
-    def __init__(self, r: redis.Redis, keys: Keys, agent_id: str, *, interval: float,
-                 beat: Callable[[], bool], stop: Callable[[State, str], None],
-                 deadline: float | None, hard_deadline: bool, on_warning: Callable[[str], None]) -> None:
-        self.r = r
-        self.keys = keys
+    def __init__(self, agent_id: str, channel: str, r: redis.Redis, *, interval: float,
+                 beat: Callable[[], BeatReply], stop: Callable[[State, str], None],
+                 on_stop_request: Callable[[str], None], deadline: float | None, hard_deadline: bool,
+                 on_warning: Callable[[str], None],
+                 on_pause: Callable[[dict[str, Any]], None] = lambda body: None) -> None:
         self.agent_id = agent_id
+        self.channel = channel
+        self.r = r
         self.interval = interval
         self.beat = beat
         self.stop = stop
+        self.on_stop_request = on_stop_request
         self.deadline = deadline
         self.hard_deadline = hard_deadline
         self.on_warning = on_warning
+        self.on_pause = on_pause
         self._done = threading.Event()
         self._warned_deadline = False
         self._pubsub: Any = None
         self._threads: list[threading.Thread] = []
 
     def start(self) -> Supervisor:
-        """Start both threads; the pub/sub subscription is live when this returns."""
+        """Subscribe, beat once (acting on stops persisted before the run), then start both threads."""
         self._pubsub = self.r.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
-        self._pubsub.subscribe(self.keys.stop_channel)
+        self._pubsub.subscribe(self.channel)
+        self._beat_once()
         for target, name in ((self._beat_loop, "heartbeat"), (self._listen_loop, "stop-listener")):
             t = threading.Thread(target=target, name=f"{name}-{self.agent_id}", daemon=True)
             t.start()
@@ -58,40 +65,41 @@ class Supervisor:
         """Stop both threads. Only the heartbeat is waited for: the listener notices within one poll (0.2 s)
         and closes its own subscription, so ending a run never waits on it."""
         self._done.set()
-        self._threads[0].join(timeout=5)
+        if self._threads:
+            self._threads[0].join(timeout=5)
 
-    def check_persisted_stop(self) -> None:
-        """Act on a stop that lives in Valkey (killswitch engaged, or a kill for this agent)."""
-        pipe = self.r.pipeline()
-        pipe.hget(self.keys.killswitch, "engaged")
-        pipe.get(self.keys.stop_request(self.agent_id))
-        engaged, own = pipe.execute()
-        request = parse_stop_request(own)
-        if engaged == "1":
-            reason = str(self.r.hget(self.keys.killswitch, "reason") or "killswitch engaged")
-            self.stop(State.KILLED, f"killswitch: {reason}")
-        elif request is not None:
-            self.stop(request[0], request[1])
+    def _beat_once(self) -> bool:
+        """One heartbeat and the persisted stops; False once the run lost the agent."""
+        try:
+            reply = self.beat()
+        except redis.RedisError as exc:
+            log.warning("heartbeat for %s failed (retrying): %s", self.agent_id, exc)
+            return True
+        if not reply.owned:
+            self.stop(State.FAILED, "lease lost: another worker owns this agent now")
+            return False
+        if reply.killswitch_reason is not None:
+            self.stop(State.KILLED, f"killswitch: {reply.killswitch_reason}")
+        elif reply.stop_request:
+            self.on_stop_request(reply.stop_request)
+        return True
 
     def _beat_loop(self) -> None:
-        while not self._done.is_set():
-            try:
-                if not self.beat():
-                    self.stop(State.FAILED, "lease lost: another worker owns this agent now")
-                    return
-                self.check_persisted_stop()
-            except redis.RedisError as exc:
-                log.warning("heartbeat for %s failed: %s", self.agent_id, exc)
+        while not self._done.wait(self._next_wait()):
+            if not self._beat_once():
+                return
             if self.deadline is not None and time.time() >= self.deadline:
                 if self.hard_deadline:
                     self.stop(State.TIMED_OUT, "duration limit reached")
                 elif not self._warned_deadline:
                     self._warned_deadline = True
                     self.on_warning("duration limit passed (soft mode: the agent goes on)")
-            wait = self.interval
-            if self.deadline is not None:
-                wait = max(0.05, min(wait, self.deadline - time.time()))
-            self._done.wait(wait)
+
+    def _next_wait(self) -> float:
+        wait = self.interval
+        if self.deadline is not None and not self._warned_deadline:
+            wait = max(0.05, min(wait, self.deadline - time.time()))
+        return wait
 
     def _listen_loop(self) -> None:
         try:
@@ -109,12 +117,10 @@ class Supervisor:
                     return
                 log.warning("stop listener for %s: %s; resubscribing", self.agent_id, exc)
                 self._done.wait(0.5)
-                try:
+                with contextlib.suppress(redis.RedisError):
                     self._pubsub = self.r.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
-                    self._pubsub.subscribe(self.keys.stop_channel)
-                    self.check_persisted_stop()
-                except redis.RedisError:
-                    pass
+                    self._pubsub.subscribe(self.channel)
+                    self._beat_once()  # whatever was published while we were away is persisted too
                 continue
             if msg is None or msg.get("type") != "message":
                 continue
@@ -122,8 +128,15 @@ class Supervisor:
                 body = json.loads(msg["data"])
             except (TypeError, ValueError):
                 continue
-            target = body.get("agent")
-            if target in ("*", self.agent_id):
+            if not isinstance(body, dict):
+                continue
+            if "pause" in body or "resume" in body:  # a model's fleet-wide rate-limit pause (orchestrator.ratelimit)
+                try:
+                    self.on_pause(body)
+                except Exception:
+                    log.exception("pause message for %s not handled", self.agent_id)
+                continue
+            if body.get("agent") in ("*", self.agent_id):
                 try:
                     status = State(body.get("status") or State.KILLED.value)
                 except ValueError:

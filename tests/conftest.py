@@ -19,7 +19,7 @@ import pytest
 import redis
 from celery import Celery
 
-from orchestrator.settings import Settings
+from orchestrator.settings import STATE_DB, Settings
 from orchestrator.testing.cluster import Beat, Valkey, Worker, fleet_env, wait_until
 from orchestrator.testing.offline_model import OfflineModel
 from orchestrator.testing.sample_repo import make_sample_repo
@@ -119,7 +119,8 @@ class Cluster:
         return json.loads(self.cli(*args, "--json", **settings).stdout)
 
     def state(self) -> redis.Redis:
-        return self.valkey.client()
+        """The fleet's own state (records, ledger, leases): its own database on the broker's server."""
+        return self.valkey.client(STATE_DB)
 
     def record(self, agent_id: str) -> dict[str, Any]:
         return self.cli_json("show", agent_id)

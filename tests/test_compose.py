@@ -1,4 +1,5 @@
-"""The deployment files agree with the project: docker-compose.yml, Dockerfile, .dockerignore and .env.example.
+"""The deployment files agree with the project: docker-compose.yml (and its "ha" profile with docker-compose.ha.yml),
+Dockerfile, .dockerignore and .env.example.
 
 Read as files (no Docker engine needed): every service runs a documented command, the workers cover both queues,
 every ORCHESTRATOR_* variable is a real setting with the settings' own default, and Valkey, Flower and the
@@ -17,17 +18,22 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
+import redis
 import yaml
 
 from orchestrator.settings import ENV_PREFIX, Settings
+from orchestrator.testing.cluster import Proc, find_valkey, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+HA_FILE = ROOT / "docker-compose.ha.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 
 APP_SERVICES = ("agents", "ops", "beat", "flower")
+SENTINELS = ("sentinel-1", "sentinel-2", "sentinel-3")
+HA_SERVICES = ("valkey-replica", *SENTINELS)  # the "ha" profile; `valkey` is its first primary
 QUEUES = {"agents", "ops"}  # the fleet's two queues (CONTRACT section 1 and orchestrator/celery.py)
 CELERY = ["celery", "-A", "orchestrator"]
 # A `${NAME}`, `${NAME:-default}`, `${NAME:?message}` (and `-`/`?` forms) reference in the compose file.
@@ -117,9 +123,20 @@ def workers(services: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
     return {name: argv(s) for name, s in services.items() if argv(s)[:4] == [*CELERY, "worker"]}
 
 
-def interpolations() -> list[tuple[str, str | None, str | None]]:
-    """(name, operator, default-or-message) of every ${...} in the compose file."""
-    return [(m.group(1), m.group(2), m.group(3)) for m in INTERPOLATION.finditer(COMPOSE_FILE.read_text())]
+def interpolations(path: Path = COMPOSE_FILE) -> list[tuple[str, str | None, str | None]]:
+    """(name, operator, default-or-message) of every ${...} in a compose file."""
+    return [(m.group(1), m.group(2), m.group(3)) for m in INTERPOLATION.finditer(path.read_text())]
+
+
+def interpolate(text: str, **values: str) -> str:
+    """What compose makes of ``text``: ${NAME...} from ``values`` (else its default), and ``$$`` as ``$``."""
+    def one(m: re.Match[str]) -> str:
+        name, op, rest = m.group(1), m.group(2), m.group(3)
+        if name in values:
+            return values[name]
+        assert op and "-" in op, f"${{{name}}} has no default and no value was given"
+        return rest or ""
+    return INTERPOLATION.sub(one, text).replace("$$", "$")
 
 
 def settings_from(values: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
@@ -132,14 +149,18 @@ def settings_from(values: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Se
 
 
 def test_the_fleet_services_are_there(services: dict[str, dict[str, Any]]) -> None:
-    assert set(services) == {"valkey", *APP_SERVICES}
+    always = {name for name, service in services.items() if not service.get("profiles")}
+    assert always == {"valkey", *APP_SERVICES}  # the default `docker compose up`: one Valkey, as before
+    assert {name for name in services if name not in always} == set(HA_SERVICES)
+    for name in HA_SERVICES:
+        assert services[name]["profiles"] == ["ha"], name
 
 
 def test_every_command_is_a_documented_one(services: dict[str, dict[str, Any]]) -> None:
     for name, service in services.items():
         args = argv(service)
-        if name == "valkey":
-            assert args[0] == "valkey-server"
+        if name in ("valkey", *HA_SERVICES):
+            assert args[0] == "valkey-server" or args[-1].rstrip().endswith('--sentinel'), name
             assert str(service["image"]).startswith("valkey/valkey:")
             continue
         assert args[:3] == CELERY, f"{name}: {args}"
@@ -182,7 +203,7 @@ def test_worker_queues_cover_agents_and_ops(services: dict[str, dict[str, Any]])
 
 def test_no_compose_only_variable_looks_like_a_setting() -> None:
     """A compose-only knob named ORCHESTRATOR_* would be mistaken for (or collide with) a fleet setting."""
-    for name, _, _ in interpolations():
+    for name, _, _ in interpolations() + interpolations(HA_FILE):
         if name.startswith(ENV_PREFIX):
             assert name in SETTING_VARS, f"{name} is not a setting of orchestrator.settings.Settings"
 
@@ -259,8 +280,13 @@ def test_env_example_defaults_are_the_settings_own(env_example: dict[str, str], 
 
 
 def test_every_compose_variable_is_in_env_example(env_example: dict[str, str]) -> None:
-    for name, _, _ in interpolations():
-        assert name in env_example, f"{name} is used by docker-compose.yml but missing from .env.example"
+    for name, _, _ in interpolations() + interpolations(HA_FILE):
+        assert name in env_example, f"{name} is used by a compose file but missing from .env.example"
+    # The switch to the HA setup is two documented lines, commented out: the default stays one Valkey.
+    assert env_example["COMPOSE_PROFILES"] == "ha"
+    assert env_example["COMPOSE_FILE"].split(":") == [COMPOSE_FILE.name, HA_FILE.name]
+    lines = ENV_EXAMPLE.read_text().splitlines()
+    assert {"# COMPOSE_PROFILES=ha", f"# COMPOSE_FILE={COMPOSE_FILE.name}:{HA_FILE.name}"} <= set(lines)
     assert env_example["AGENTS_CONCURRENCY"] == "4"
     # Required by the compose file: left empty so that `${...:?}` stops a copy that was never filled in.
     assert env_example["VALKEY_PASSWORD"] == env_example["FLOWER_BASIC_AUTH"] == ""
@@ -326,6 +352,115 @@ def test_agents_worker_has_time_for_a_warm_shutdown(services: dict[str, dict[str
     assert int(m.group(1)) * (60 if m.group(2) == "m" else 1) >= 60
 
 
+# --- the "ha" profile: a replica, three sentinels, and the fleet pointed at them ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def ha() -> dict[str, Any]:
+    data = yaml.safe_load(HA_FILE.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def sentinel_conf(service: dict[str, Any], tmp_path: Path, password: str = "s3cret",
+                  master: str = "mymaster") -> str:
+    """Run a sentinel service's script as the container would, up to its `exec`: the config it writes."""
+    script = interpolate(argv(service)[2], ORCHESTRATOR_SENTINEL_MASTER=master)
+    assert script.count("/data/") == 1
+    script = script.replace("/data/", f"{tmp_path}/").replace("exec valkey-server", "exit 0; valkey-server")
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    env = {"PATH": os.environ["PATH"], **{k: interpolate(str(v), VALKEY_PASSWORD=password)
+                                          for k, v in environment(service).items()}}
+    subprocess.run(["sh", "-c", script], env=env, check=True, timeout=30)
+    return (tmp_path / "sentinel.conf").read_text()
+
+
+def test_the_replica_follows_valkey_and_every_data_node_can_change_roles(services: dict[str, dict[str, Any]],
+                                                                         compose: dict[str, Any]) -> None:
+    for name, announced in (("valkey", "valkey"), ("valkey-replica", "valkey-replica")):
+        args = argv(services[name])
+        assert option(args, "--appendonly") == "yes" and option(args, "--maxmemory-policy") == "noeviction", name
+        for flag in ("--requirepass", "--masterauth"):  # after a failover either one replicates from the other
+            assert (option(args, flag) or "").startswith("${VALKEY_PASSWORD:?"), (name, flag)
+        assert option(args, "--replica-announce-ip") == announced, name
+        assert volume_targets(services[name])["/data"] in volume_names_of(compose), name
+    replica = argv(services["valkey-replica"])
+    assert replica[replica.index("--replicaof") + 1:replica.index("--replicaof") + 3] == ["valkey", "6379"]
+    assert "--replicaof" not in argv(services["valkey"])
+    assert services["valkey-replica"]["depends_on"]["valkey"]["condition"] == "service_healthy"
+
+
+def test_three_sentinels_with_their_own_state_watch_valkey(services: dict[str, dict[str, Any]],
+                                                          tmp_path: Path) -> None:
+    volumes = {volume_targets(services[name])["/data"] for name in SENTINELS}
+    assert len(volumes) == 3, "each sentinel rewrites its own config: one volume each"
+    for i, name in enumerate(SENTINELS):
+        conf = sentinel_conf(services[name], tmp_path / name)
+        lines = conf.splitlines()
+        assert "sentinel monitor mymaster valkey 6379 2" in lines  # quorum 2 of 3
+        assert 'sentinel auth-pass mymaster "s3cret"' in lines and 'requirepass "s3cret"' in lines
+        assert 'sentinel sentinel-pass "s3cret"' in lines
+        assert {"sentinel resolve-hostnames yes", "sentinel announce-hostnames yes",
+                f"sentinel announce-ip {name}", "port 26379"} <= set(lines)
+        assert lines.index("sentinel resolve-hostnames yes") < lines.index("sentinel monitor mymaster valkey 6379 2")
+        assert environment(services[name])["SENTINEL_NAME"] == name
+        check = " ".join(services[name]["healthcheck"]["test"])
+        assert "-p 26379" in check and " -a " in check and "ping" in check
+        if i == 0:  # written once: Sentinel's own rewrites survive a restart
+            (tmp_path / name / "sentinel.conf").write_text("kept\n")
+            assert sentinel_conf(services[name], tmp_path / name) == "kept\n"
+    # The master name follows the fleet's setting.
+    assert "sentinel monitor fleet-a valkey 6379 2" in sentinel_conf(services["sentinel-2"], tmp_path / "named",
+                                                                    master="fleet-a")
+
+
+def test_a_sentinel_config_from_compose_is_one_valkey_sentinel_accepts(services: dict[str, dict[str, Any]],
+                                                                      tmp_path: Path) -> None:
+    """The generated file, with the compose host names swapped for loopback, starts a real sentinel."""
+    conf = sentinel_conf(services["sentinel-1"], tmp_path)
+    port = free_port()
+    conf = conf.replace("port 26379", f"port {port}").replace(" valkey 6379 ", " 127.0.0.1 6399 ")
+    path = tmp_path / "sentinel.conf"
+    path.write_text(conf)
+    binary = find_valkey()
+    assert binary, "valkey-server is needed"
+    proc = Proc([binary, str(path), "--sentinel"], log_path=tmp_path / "sentinel.log")
+    try:
+        def answers() -> bool:
+            try:
+                with redis.Redis(port=port, password="s3cret", socket_timeout=2) as c:
+                    return bool(c.execute_command("SENTINEL", "MASTERS"))
+            except redis.RedisError:
+                assert proc.alive(), proc.log()
+                return False
+        wait_until(answers, 15, "the sentinel")
+    finally:
+        proc.stop()
+
+
+def test_the_ha_file_points_every_fleet_service_at_the_sentinels(
+    ha: dict[str, Any], services: dict[str, dict[str, Any]], clean_env: pytest.MonkeyPatch
+) -> None:
+    assert set(ha["services"]) == set(APP_SERVICES), "the HA file only re-points the fleet"
+    env = ha["x-fleet-ha-env"]
+    for name in APP_SERVICES:
+        service = ha["services"][name]
+        assert service["environment"] == env, name
+        for sentinel in SENTINELS:
+            assert service["depends_on"][sentinel]["condition"] == "service_healthy", name
+    assert set(env) <= SETTING_VARS
+    for key, db in (("ORCHESTRATOR_BROKER_URL", 0), ("ORCHESTRATOR_RESULT_BACKEND", 1)):
+        assert env[key] == ";".join(f"sentinel://:${{VALKEY_PASSWORD}}@{s}:26379/{db}" for s in SENTINELS)
+    assert env["ORCHESTRATOR_SENTINEL_MASTER"] == "${ORCHESTRATOR_SENTINEL_MASTER:-mymaster}"
+    assert int(env["ORCHESTRATOR_STATE_WAIT_REPLICAS"]) == 1  # the profile runs one replica
+    deployed = settings_from({k: interpolate(str(v), VALKEY_PASSWORD="s3cret") for k, v in env.items()}, clean_env)
+    assert deployed.state_redis_url.count("/2") == 3 and deployed.result_backend_url.count("/1") == 3
+    for url in (deployed.broker_url, deployed.result_backend_url):
+        assert deployed.sentinel_transport_options(url) == {
+            "master_name": "mymaster",
+            "sentinel_kwargs": {"password": "s3cret", "socket_connect_timeout": 5.0, "socket_timeout": 5.0}}
+
+
 # --- image ---------------------------------------------------------------------------------------------------
 
 
@@ -358,15 +493,15 @@ def compose_available() -> bool:
         return False
 
 
-def run_compose_config(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+def run_compose_config(tmp_path: Path, *extra: str, **env: str) -> subprocess.CompletedProcess[str]:
     """`docker compose config -q` with only the given variables (an empty --env-file replaces any local .env)."""
     empty = tmp_path / "empty.env"
     empty.write_text("")
-    names = {name for name, _, _ in interpolations()}
+    names = {name for name, _, _ in interpolations() + interpolations(HA_FILE)} | {"COMPOSE_FILE", "COMPOSE_PROFILES"}
     base = {k: v for k, v in os.environ.items() if k not in names and not k.startswith(ENV_PREFIX)}
     return subprocess.run(
-        ["docker", "compose", "--project-directory", str(ROOT), "-f", str(COMPOSE_FILE), "--env-file", str(empty),
-         "config", "-q"],
+        ["docker", "compose", "--project-directory", str(ROOT), "-f", str(COMPOSE_FILE), *extra, "--env-file",
+         str(empty), "config", "-q"],
         env={**base, **env}, capture_output=True, text=True, timeout=60, cwd=ROOT,
     )
 
@@ -376,6 +511,9 @@ def test_docker_compose_config_accepts_the_file(tmp_path: Path) -> None:
         pytest.skip("this docker client has no compose plugin (`docker compose version` fails)")
     ok = run_compose_config(tmp_path, VALKEY_PASSWORD="s3cret", FLOWER_BASIC_AUTH="admin:pw")
     assert ok.returncode == 0, ok.stderr
+    ha = run_compose_config(tmp_path, "-f", str(HA_FILE), "--profile", "ha", VALKEY_PASSWORD="s3cret",
+                            FLOWER_BASIC_AUTH="admin:pw")
+    assert ha.returncode == 0, ha.stderr
     for missing in ("VALKEY_PASSWORD", "FLOWER_BASIC_AUTH"):
         given = {"VALKEY_PASSWORD": "s3cret", "FLOWER_BASIC_AUTH": "admin:pw"}
         del given[missing]

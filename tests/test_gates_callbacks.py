@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import os
 import subprocess
@@ -20,6 +18,7 @@ from orchestrator.models import GateSpec
 from orchestrator.testing.cluster import Proc, free_port
 from orchestrator.testing.offline_model import OfflineModel, Script, bash, edit, text_turn
 from orchestrator.testing.sample_repo import make_sample_repo
+from orchestrator.webhooks import verify
 from tests.conftest import REPO_ROOT, Cluster, git, mirror_of
 
 TESTS_GATE = [{"name": "tests", "command": "python -m pytest -q", "timeout_seconds": 120}]
@@ -60,7 +59,9 @@ def test_fix_gate_push_and_coordinator_task_callback(cluster: Cluster, tmp_path:
         deadline = time.monotonic() + 30
         while not delivered.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert json.loads(delivered.read_text()) == result
+        received = json.loads(delivered.read_text())
+        assert received.pop("idempotency_key").startswith(f"{result['agent_id']}:")  # one key per result
+        assert received == result
     finally:
         consumer.stop()
     del work
@@ -130,7 +131,8 @@ class Hook:
 def test_webhook_is_signed_retried_and_acknowledged_once(cluster: Cluster, sample_repo: Path,
                                                          offline: OfflineModel) -> None:
     hook = Hook(free_port(), failures=2)
-    settings = {"webhook_secret": "hook-secret", "callback_retry_base_seconds": 0.5}
+    settings = {"webhook_secret": "hook-secret", "callback_retry_base_seconds": 0.5,
+                "webhook_allowed_hosts": "127.0.0.1"}  # the receiver is on loopback: allow it past the SSRF check
     try:
         cluster.worker(**settings)
         cluster.beat(**settings)
@@ -140,11 +142,14 @@ def test_webhook_is_signed_retried_and_acknowledged_once(cluster: Cluster, sampl
         time.sleep(2)
         assert [code for _, _, code in hook.requests] == [500, 500, 200]  # acknowledged once, three attempts
         headers, body, _ = hook.requests[-1]
-        assert json.loads(body) == result
+        doc = json.loads(body)
+        key = doc.pop("idempotency_key")
+        assert doc == result
         assert headers["x-orchestrator-event"] == "agent.finished"
-        assert headers["idempotency-key"] == result["agent_id"]
-        expected = "sha256=" + hmac.new(b"hook-secret", body, hashlib.sha256).hexdigest()
-        assert hmac.compare_digest(headers["x-orchestrator-signature"], expected)
+        assert key.startswith(f"{result['agent_id']}:")
+        assert {h["idempotency-key"] for h, _, _ in hook.requests} == {key}  # the same key on every retry
+        assert verify("hook-secret", headers, body)
+        assert not verify("another-secret", headers, body)
         assert cluster.cli_json("callbacks", **settings) == {"pending": [], "dead": []}
     finally:
         hook.stop()
@@ -153,7 +158,8 @@ def test_webhook_is_signed_retried_and_acknowledged_once(cluster: Cluster, sampl
 def test_webhook_survives_receiver_down_and_worker_restart(cluster: Cluster, sample_repo: Path,
                                                            offline: OfflineModel) -> None:
     port = free_port()
-    settings = {"callback_retry_base_seconds": 0.5, "callback_retry_max_seconds": 1}
+    settings = {"callback_retry_base_seconds": 0.5, "callback_retry_max_seconds": 1,
+                "webhook_allowed_hosts": "127.0.0.0/8"}
     worker = cluster.worker("first", **settings)
     result = cluster.submit({"task_id": "hook-2", "prompt": "Fix the failing test.", "repo": str(sample_repo),
                              "callback": {"url": f"http://127.0.0.1:{port}/done"}}).get(timeout=90)
@@ -165,7 +171,8 @@ def test_webhook_survives_receiver_down_and_worker_restart(cluster: Cluster, sam
     hook = Hook(port, failures=0)
     try:
         cluster.wait_for(lambda: hook.requests, timeout=30, what="delivery after the receiver returns")
-        assert json.loads(hook.requests[0][1]) == result
+        delivered = json.loads(hook.requests[0][1])
+        assert delivered.pop("idempotency_key").startswith(f"{result['agent_id']}:") and delivered == result
         cluster.wait_for(lambda: cluster.cli_json("callbacks", **settings)["pending"] == [], timeout=10,
                          what="outbox empty")
     finally:

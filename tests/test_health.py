@@ -13,7 +13,7 @@ from celery import Celery
 
 from orchestrator.fleet import Fleet
 from orchestrator.ops import health_sweep
-from orchestrator.settings import Settings
+from orchestrator.settings import STATE_DB, Settings
 from orchestrator.testing.cluster import Valkey, Worker, fleet_env
 from orchestrator.testing.offline_model import OfflineModel, Script, Turn, bash, text_turn
 from tests.conftest import Cluster, git, mirror_of
@@ -186,12 +186,18 @@ def test_looping_agent_is_flagged_and_stopped(cluster: Cluster, sample_repo: Pat
     assert any(e["kind"] == "stuck" for e in record["events"])
 
 
+def seen_for_a_while(fleet: Fleet, now: float) -> None:
+    """A sweep history: the sweeps have seen Valkey without a gap for longer than the heartbeat timeout."""
+    fleet.r.hset(fleet.keys.sweep_state, mapping={"last": str(now - 1), "since": str(now - 3600)})
+
+
 def test_sweep_finds_the_few_stale_among_ten_thousand(valkey: Valkey, tmp_path: Path) -> None:
     settings = Settings(_env_file=None, broker_url=valkey.url, workspace_dir=tmp_path / "ws",  # type: ignore[call-arg]
                         heartbeat_timeout_seconds=60)
     enqueued: list[str] = []
-    fleet = Fleet.create(settings, r=valkey.client(), enqueue=enqueued.append)
+    fleet = Fleet.create(settings, r=valkey.client(STATE_DB), enqueue=enqueued.append)
     now = time.time()
+    seen_for_a_while(fleet, now)
     stale = [f"stale-{i}" for i in range(5)]
     pipe = fleet.r.pipeline()
     for i in range(10_000):
@@ -205,32 +211,47 @@ def test_sweep_finds_the_few_stale_among_ten_thousand(valkey: Valkey, tmp_path: 
     assert sorted(report["recovered"]) == stale and sorted(enqueued) == stale
     assert fleet.r.zcard(fleet.keys.heartbeats) == 10_000
     assert all(fleet.store.get(a)["state"] == "recovering" for a in stale)  # type: ignore[index]
+    assert fleet.r.zcard(fleet.keys.dispatch) == 0  # every message sent: nothing owed
     again = health_sweep(fleet, now=now)  # a second beat right after finds nothing to do
     assert again["recovered"] == [] and len(enqueued) == 5
 
 
+def test_after_a_gap_in_the_sweeps_nobody_is_presumed_dead_at_once(valkey: Valkey, tmp_path: Path) -> None:
+    settings = Settings(_env_file=None, broker_url=valkey.url, workspace_dir=tmp_path / "ws",  # type: ignore[call-arg]
+                        heartbeat_timeout_seconds=60, health_sweep_interval_seconds=30)
+    fleet = Fleet.create(settings, r=valkey.client(STATE_DB), enqueue=lambda agent_id: None)
+    now = time.time()
+    fleet.r.hset(fleet.keys.sweep_state, mapping={"last": str(now - 100), "since": str(now - 3600)})  # Valkey away
+    fleet.r.zadd(fleet.keys.heartbeats, {"a1": now - 100})
+    fleet.r.hset(fleet.keys.agent("a1"), mapping={"agent_id": '"a1"', "state": '"running"', "spec": "{}"})
+    assert health_sweep(fleet, now=now)["recovered"] == []  # its worker may be alive: give it a timeout to beat
+    assert health_sweep(fleet, now=now + 30)["recovered"] == []
+    assert health_sweep(fleet, now=now + 61)["recovered"] == ["a1"]  # no beat for a whole timeout since: dead
+
+
 def test_cleanup_removes_old_finished_worktrees_but_never_a_leased_one(valkey: Valkey, tmp_path: Path) -> None:
-    from orchestrator.models import AgentResult, AgentSpec, State
+    from orchestrator.models import AgentSpec
     from orchestrator.ops import cleanup_worktrees
+    from orchestrator.runner import new_record
+    from orchestrator.states import State
     from orchestrator.testing.sample_repo import make_sample_repo
 
     repo = make_sample_repo(tmp_path / "repo")
     settings = Settings(_env_file=None, broker_url=valkey.url, workspace_dir=tmp_path / "ws",  # type: ignore[call-arg]
                         worktree_retention_hours=1)
-    fleet = Fleet.create(settings, r=valkey.client())
+    fleet = Fleet.create(settings, r=valkey.client(STATE_DB))
     ids = {}
     for name in ("old", "fresh", "leased", "killed"):
-        agent_id, _ = fleet.store.create(AgentSpec(task_id=name, prompt="p", repo=str(repo)), None)
+        spec = AgentSpec(task_id=name, prompt="p", repo=str(repo))
+        agent_id, _, _ = fleet.lifecycle.create(new_record(spec, None), name)
         fleet.workspace.prepare(agent_id, str(repo), "main", f"agent/{agent_id}")
         ids[name] = agent_id
     now = time.time()
     long_ago = "2020-01-01T00:00:00+00:00"
     for name, status, finished in (("old", State.COMPLETED, long_ago), ("fresh", State.COMPLETED, None),
                                    ("leased", State.COMPLETED, long_ago), ("killed", State.KILLED, long_ago)):
-        result = AgentResult(agent_id=ids[name], task_id=name, status=status,
-                             finished_at=finished or datetime.now(UTC).isoformat())
-        fleet.store.finish(ids[name], result)
-    assert fleet.leases.acquire(ids["leased"], "someone", 60) is not None
+        fleet.lifecycle.finish(ids[name], name, status, {"finished_at": finished or datetime.now(UTC).isoformat()})
+    fleet.r.set(fleet.keys.lease(ids["leased"]), "someone|9", ex=60)
     report = cleanup_worktrees(fleet, now=now)
     assert report["removed"] == [ids["old"]]
     assert not fleet.workspace.worktree_path(ids["old"]).exists()
@@ -239,21 +260,34 @@ def test_cleanup_removes_old_finished_worktrees_but_never_a_leased_one(valkey: V
     assert report["disk_bytes"] > 0
 
 
-def test_a_refused_re_enqueue_is_retried_by_the_next_sweep(valkey: Valkey, tmp_path: Path) -> None:
+def test_a_refused_run_message_is_sent_by_a_later_sweep(valkey: Valkey, tmp_path: Path) -> None:
     settings = Settings(_env_file=None, broker_url=valkey.url, workspace_dir=tmp_path / "ws",  # type: ignore[call-arg]
                         heartbeat_timeout_seconds=60)
     sent: list[str] = []
+    broker_up = [False]
 
     def flaky_enqueue(agent_id: str) -> None:
-        if not sent and not getattr(flaky_enqueue, "failed", False):
-            flaky_enqueue.failed = True  # type: ignore[attr-defined]
+        if not broker_up[0]:
             raise ConnectionError("broker down")
         sent.append(agent_id)
 
-    fleet = Fleet.create(settings, r=valkey.client(), enqueue=flaky_enqueue)
-    fleet.r.zadd(fleet.keys.heartbeats, {"a1": time.time() - 300})
+    fleet = Fleet.create(settings, r=valkey.client(STATE_DB), enqueue=flaky_enqueue)
+    clock = [time.time()]
+    fleet.lifecycle.clock = lambda: clock[0]
+    seen_for_a_while(fleet, clock[0])
+    fleet.r.zadd(fleet.keys.heartbeats, {"a1": clock[0] - 300})
     fleet.r.hset(fleet.keys.agent("a1"), mapping={"agent_id": '"a1"', "state": '"running"', "spec": "{}"})
-    health_sweep(fleet)
-    assert sent == [] and fleet.r.zscore(fleet.keys.heartbeats, "a1") is not None  # kept, not lost
-    health_sweep(fleet)
-    assert sent == ["a1"] and fleet.store.get("a1")["state"] == "recovering"  # type: ignore[index]
+    assert health_sweep(fleet, now=clock[0])["recovered"] == ["a1"]
+    assert sent == [] and fleet.r.zscore(fleet.keys.dispatch, "a1") is not None  # owed, not lost
+    for _ in range(9):  # the broker stays down for a while: no recovery is counted again, nothing is lost
+        clock[0] += 10
+        seen_for_a_while(fleet, clock[0])
+        assert health_sweep(fleet, now=clock[0])["recovered"] == []
+    broker_up[0] = True
+    clock[0] += 31
+    seen_for_a_while(fleet, clock[0])
+    assert health_sweep(fleet, now=clock[0])["resent"] == 1
+    assert sent == ["a1"] and fleet.r.zscore(fleet.keys.dispatch, "a1") is None
+    record = fleet.store.get("a1") or {}
+    assert record["state"] == "recovering" and record["recoveries"] == 1
+    assert fleet.r.hget(fleet.keys.stats, "recoveries") == "1"

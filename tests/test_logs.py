@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 
 import pytest
 
 from orchestrator.logs import AgentContextFilter, JsonFormatter, TextFormatter, set_agent_context
+from orchestrator.redaction import forget_secrets, register_secret
 
 
 def render(formatter: logging.Formatter, message: str) -> str:
@@ -38,3 +40,32 @@ def test_credentials_in_urls_are_redacted() -> None:
     for fmt in (JsonFormatter(), TextFormatter("%(message)s")):
         line = render(fmt, "push to https://bot:ghp_secret@github.com/o/r.git failed; broker redis://:pw1@vk:6379/0")
         assert "ghp_secret" not in line and "pw1" not in line and "github.com/o/r.git" in line
+
+
+def _raise_with_secrets() -> None:
+    url = "redis://:p#a/s@s@valkey:6379/0"
+    token = "registered-token-123"
+    raise RuntimeError(f"cannot reach {url} with {token}")
+
+
+@pytest.mark.parametrize("formatter", [JsonFormatter(), TextFormatter("%(message)s")], ids=["json", "text"])
+def test_tracebacks_and_stacks_are_redacted(formatter: logging.Formatter) -> None:
+    forget_secrets()
+    register_secret("registered-token-123")
+    try:
+        _raise_with_secrets()
+    except RuntimeError:
+        record = logging.LogRecord("orchestrator.test", logging.ERROR, __file__, 1,
+                                   "failed for https://bot:ghp_tok@github.com/o/r", None, sys.exc_info(),
+                                   sinfo="Stack (most recent call last):\n  token registered-token-123 here")
+    try:
+        line = formatter.format(record)
+    finally:
+        forget_secrets()
+    for secret in ("p#a", "a/s@s", "registered-token-123", "ghp_tok"):
+        assert secret not in line, line
+    assert "RuntimeError: cannot reach redis://***@valkey:6379/0 with ***" in line  # the traceback is still there
+    assert "_raise_with_secrets" in line and "token *** here" in line
+    if isinstance(formatter, JsonFormatter):
+        doc = json.loads(line)
+        assert "Traceback" in doc["exc"] and "***" in doc["stack"] and doc["message"].endswith("***@github.com/o/r")

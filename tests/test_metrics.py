@@ -18,6 +18,7 @@ from orchestrator.fleet import Fleet
 from orchestrator.killswitch import Killswitch
 from orchestrator.metrics import render
 from orchestrator.models import AgentSpec, Usage
+from orchestrator.runner import new_record
 from orchestrator.settings import Settings
 from orchestrator.testing.cluster import Proc, free_port
 from orchestrator.testing.offline_model import OfflineModel, Script, bash, text_turn
@@ -133,19 +134,20 @@ def test_metrics_show_a_running_agent(cluster: Cluster, sample_repo: Path, offli
 def test_render_reads_every_part_of_the_fleet_state(fake_redis: redis.Redis, unit_settings: Settings) -> None:
     fleet = Fleet.create(unit_settings, r=fake_redis)
     k = fleet.keys
-    agent_id, _ = fleet.store.create(AgentSpec(task_id="t-1", prompt="p", repo="https://example.invalid/r.git"), None)
-    fleet.store.update(agent_id, state="running")
+    spec = AgentSpec(task_id="t-1", prompt="p", repo="https://example.invalid/r.git")
+    agent_id, _, _ = fleet.lifecycle.create(new_record(spec, None), "t-1")
+    assert fleet.lifecycle.admit(agent_id, "w1", "w1", priority=5, duration_seconds=60).outcome == "started"
     first = fleet.budget.reserve(agent_id, 2_000_000, 1000, 500)
     assert first is not None
-    fleet.budget.settle(first.id, Usage(input_tokens=900, total_tokens=900), 1234)
+    fleet.budget.settle(first, Usage(input_tokens=900, total_tokens=900), 1234)
     assert fleet.budget.reserve(agent_id, 2_000_000, 100, 50) is not None  # in flight
-    fleet.budget.acquire_slot(agent_id)
     fake_redis.zadd(k.heartbeats, {agent_id: time.time() - 3})
     fake_redis.hset(k.stats, mapping={"finished:failed": 2, "sweep_runs": 7, "recoveries": 1,
                                       "recoveries_given_up": 1, "last_sweep_at": "1800000000.5", "gates_passed": 3,
                                       "gates_failed": 4})
     Killswitch(fake_redis, k).engage("test", by="me")
-    Killswitch(fake_redis, k).hold("held-1", 5)
+    held, _, _ = fleet.lifecycle.create(new_record(AgentSpec(task_id="t-2", prompt="p", repo=spec.repo), None), "t-2")
+    assert fleet.lifecycle.admit(held, "w1", "w1", priority=5, duration_seconds=60).outcome == "held"
     Outbox(fake_redis, k, None).put("a1", {"url": "https://example.invalid"}, {})
     fake_redis.zadd(k.dead_letters, {"a0": 1.0})
     fake_redis.hset(k.outbox_stats, mapping={"delivered": 5, "failed_attempts": 6})
@@ -176,7 +178,7 @@ def test_daily_budget_status_is_a_labelled_gauge(fake_redis: redis.Redis, tmp_pa
     fleet = Fleet.create(s, r=fake_redis)
     res = fleet.budget.reserve("a1", 1000, 800, 16)
     assert res is not None
-    fleet.budget.settle(res.id, Usage(input_tokens=850, total_tokens=850), 0)
+    fleet.budget.settle(res, Usage(input_tokens=850, total_tokens=850), 0)
     m = parse(render(fleet).decode())
     statuses = {dict(labels)["status"]: v for labels, v in labelled(m, "orchestrator_budget_status").items()
                 if dict(labels)["scope"] == "daily"}

@@ -37,7 +37,7 @@ def test_midnight_rollup_archives_yesterday_once(tmp_path: Path) -> None:
     fleet.budget.clock = lambda: clock[0]
     res = fleet.budget.reserve("a1", 10**6, 100, 100)
     assert res is not None
-    fleet.budget.settle(res.id, Usage(total_tokens=150), 42)
+    fleet.budget.settle(res, Usage(total_tokens=150), 42)
     first = budget_rollup(fleet, now=at(tz, "2026-11-23T00:00:05"))
     assert first == {"day": "2026-11-22", "archived": True}
     archived = json.loads(fleet.r.get(fleet.keys.day_archive("2026-11-22")) or "{}")

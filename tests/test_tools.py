@@ -1,23 +1,32 @@
-"""Tests for the agent's client tools (real files and real processes, no mocks)."""
+"""Tests for the agent's client tools and the quality gates (real files and real processes, no mocks)."""
 
 from __future__ import annotations
 
 import os
+import random
 import re
+import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from orchestrator.agent.loop import StopSignal
 from orchestrator.agent.tools import (
     TOOL_DEFINITIONS,
     PathOutsideWorktree,
+    ShellOutcome,
     Toolbox,
     ToolResult,
     resolve_in_worktree,
     safe_env,
 )
+from orchestrator.errors import StopRun
+from orchestrator.gates import run_gates
+from orchestrator.models import GateSpec
+from orchestrator.sandbox import Sandbox, SandboxConfig
+from orchestrator.states import State
 
 EDITOR = "str_replace_based_edit_tool"
 
@@ -388,6 +397,7 @@ def test_safe_env_allowlist() -> None:
 
 def test_kill_running_from_another_thread(box: Toolbox) -> None:
     assert box.kill_running() is False
+    box.reset_stop()
     results: list[ToolResult] = []
     worker = threading.Thread(target=lambda: results.append(box.run("bash", {"command": "sleep 600"})))
     worker.start()
@@ -406,3 +416,134 @@ def test_kill_running_from_another_thread(box: Toolbox) -> None:
     assert _wait_group_gone(pgid) == []
     assert box.running_pgid is None
     assert box.kill_running() is False
+
+
+def test_kill_running_latches_a_stop_until_reset(box: Toolbox, worktree: Path) -> None:
+    assert box.kill_running() is False  # nothing running, but the stop is latched
+    assert box.stopped
+    started = time.monotonic()
+    refused = box.run("bash", {"command": "touch started.txt; sleep 600"})
+    assert time.monotonic() - started < 1
+    assert refused.is_error and "[command was killed]" in refused.content
+    assert not (worktree / "started.txt").exists()  # it never ran
+    outcome = box.run_shell("echo hi")
+    assert outcome.killed and outcome.exit_code is None and not outcome.timed_out
+    box.reset_stop()
+    assert not box.stopped
+    assert box.run("bash", {"command": "echo again"}).content == "again\n"
+
+
+def test_a_stop_racing_the_start_of_a_command_never_leaves_it_running(worktree: Path) -> None:
+    """kill_running() from another thread, at any moment around run_shell's start: the command never survives."""
+    box = Toolbox(worktree, shell_timeout=20)
+    rng = random.Random(7)
+    marker = f"sleep {rng.randint(10_000, 99_999)}.5"
+    refused = started = 0
+
+    def start(barrier: threading.Barrier, delay: float, outcomes: list[ShellOutcome]) -> None:
+        barrier.wait()
+        time.sleep(delay)
+        outcomes.append(box.run_shell(marker, timeout=20))
+
+    def stop(barrier: threading.Barrier, delay: float) -> None:
+        barrier.wait()
+        time.sleep(delay)
+        box.kill_running()
+
+    for attempt in range(200):
+        barrier = threading.Barrier(2)
+        outcomes: list[ShellOutcome] = []
+        runner = threading.Thread(target=start, args=(barrier, rng.uniform(0, 0.003), outcomes))
+        stopper = threading.Thread(target=stop, args=(barrier, rng.uniform(0, 0.004)))
+        runner.start()
+        stopper.start()
+        stopper.join()
+        runner.join(timeout=5)
+        assert not runner.is_alive(), f"attempt {attempt}: the command outlived the stop"
+        [outcome] = outcomes
+        assert outcome.killed and not outcome.timed_out, (attempt, outcome)
+        assert outcome.duration_seconds < 3, (attempt, outcome)
+        assert box.running_pgid is None
+        if outcome.duration_seconds == 0.0:
+            refused += 1
+        else:
+            started += 1
+        box.reset_stop()
+    assert refused >= 10 and started >= 10, (refused, started)  # both sides of the race were exercised
+    leftovers = subprocess.run(["pgrep", "-f", f"^{marker}$"], capture_output=True, text=True).stdout
+    assert leftovers.strip() == ""
+
+
+def test_editor_refuses_hard_linked_files(box: Toolbox, worktree: Path, outside: Path) -> None:
+    target = outside / "secret.txt"
+    os.link(target, worktree / "alias.txt")
+    os.link(worktree / "alias.txt", worktree / "alias2.txt")
+    for tool_input in (
+        {"command": "view", "path": "alias.txt"},
+        {"command": "str_replace", "path": "alias.txt", "old_str": "top", "new_str": "pwned"},
+        {"command": "insert", "path": "alias.txt", "insert_line": 0, "insert_text": "pwned"},
+        {"command": "create", "path": "alias.txt", "file_text": "pwned"},
+        {"command": "view", "path": "alias2.txt"},
+    ):
+        result = box.run(EDITOR, tool_input)
+        assert result.is_error and "hard links" in result.content, (tool_input, result)
+        assert "top secret" not in result.content
+    assert target.read_text() == "top secret\n"
+    assert (worktree / "alias.txt").read_text() == "top secret\n"
+    (worktree / "single.txt").write_text("one link\n")
+    assert not box.run(EDITOR, {"command": "view", "path": "single.txt"}).is_error
+
+
+# --- gates -------------------------------------------------------------------------------------------------
+
+
+def test_gate_timeout_is_capped_by_the_time_the_run_has_left(worktree: Path) -> None:
+    gates = [GateSpec(name="slow", command="sleep 600", timeout_seconds=600),
+             GateSpec(name="never", command="touch ran.txt", timeout_seconds=600)]
+    left = iter([1.0, 0.0])
+    started = time.monotonic()
+    slow, never = run_gates(gates, worktree, attempt=1, time_left=lambda: next(left))
+    assert time.monotonic() - started < 4
+    assert not slow.passed and slow.exit_code is None and "timed out after 1s" in slow.output_tail
+    assert not never.passed and "no time left" in never.output_tail
+    assert not (worktree / "ran.txt").exists()
+
+
+def test_a_stop_kills_the_running_gate_at_once(worktree: Path) -> None:
+    stop = StopSignal()
+    gates = [GateSpec(name="hang", command="sleep 600", timeout_seconds=600),
+             GateSpec(name="after", command="touch after.txt")]
+    timer = threading.Timer(0.5, stop.request, args=(State.KILLED, "operator kill"))
+    timer.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(StopRun) as raised:
+            run_gates(gates, worktree, attempt=1, stop=stop)
+    finally:
+        timer.cancel()
+    assert time.monotonic() - started < 2
+    assert raised.value.status == State.KILLED
+    assert not (worktree / "after.txt").exists()
+    leftovers = subprocess.run(["pgrep", "-f", "^sleep 600$"], capture_output=True, text=True).stdout
+    assert leftovers.strip() == ""
+
+
+def test_the_runners_toolbox_reaches_a_running_gate(worktree: Path) -> None:
+    box = Toolbox(worktree, shell_timeout=600)
+    threading.Timer(0.5, box.kill_running).start()
+    started = time.monotonic()
+    [result] = run_gates([GateSpec(name="hang", command="sleep 600")], worktree, attempt=1, toolbox=box)
+    assert time.monotonic() - started < 2
+    assert not result.passed and "[gate was killed]" in result.output_tail
+
+
+def test_gates_run_in_the_sandbox(worktree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-gate-secret")
+    sandbox = Sandbox(SandboxConfig(), worktree, safe_env())
+    confined_check = ("test -z \"$ANTHROPIC_API_KEY\" && test \"$HOME\" = /tmp/home && "
+                      "test $(ls /proc | grep -cE '^[0-9]+$') -lt 8 && ! test -e /root/.bashrc")
+    gates = [GateSpec(name="confined", command=confined_check),
+             GateSpec(name="fails", command="exit 4")]
+    confined, fails = run_gates(gates, worktree, attempt=2, sandbox=sandbox)
+    assert confined.passed, confined.output_tail
+    assert not fails.passed and fails.exit_code == 4 and fails.attempt == 2

@@ -12,23 +12,19 @@ from typing import Any
 from celery.worker.control import control_command
 
 from orchestrator.fleet import Fleet
-from orchestrator.killswitch import Killswitch
-
-
-def _switch() -> Killswitch:
-    fleet = Fleet.create()
-    return Killswitch(fleet.r, fleet.keys)
+from orchestrator.killswitch import Killswitch, kill
 
 
 @control_command(args=[("reason", str)], signature="[REASON]")
 def killswitch(state: Any, reason: str = "celery control") -> dict[str, Any]:
     """Engage the fleet killswitch: every agent stops, new work is held."""
-    status = _switch().engage(reason, by=f"celery control via {state.consumer.hostname}")
+    fleet = Fleet.create()
+    status = Killswitch(fleet.r, fleet.keys).engage(reason, by=f"celery control via {state.consumer.hostname}")
     return {"ok": "killswitch engaged", "status": status}
 
 
 @control_command(args=[("agent_id", str), ("reason", str)], signature="AGENT_ID [REASON]")
 def kill_agent(state: Any, agent_id: str, reason: str = "killed by operator") -> dict[str, Any]:
     """Stop one agent wherever it runs."""
-    _switch().kill_agent(agent_id, reason)
-    return {"ok": f"kill requested for agent {agent_id}"}
+    outcome = kill(Fleet.create(), agent_id, reason)
+    return {"ok": f"kill requested for agent {agent_id}: {outcome}"}

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
-from celery.signals import setup_logging, worker_shutting_down
+from celery.signals import setup_logging, worker_init, worker_shutting_down
 
 from orchestrator.logs import configure_logging
 from orchestrator.settings import get_settings
@@ -34,3 +35,34 @@ def _hand_back_agents(sender: Any = None, sig: str | None = None, how: str | Non
         return
     if handed:
         log.warning("warm shutdown (%s): handed back %d agent(s): %s", sig, len(handed), ", ".join(handed))
+
+
+@worker_init.connect
+def _check_sandbox(**_: Any) -> None:
+    """Refuse to start a worker whose agents could not be confined (CONTRACT section 6): it says how to fix it."""
+    from orchestrator.sandbox import SandboxConfig, SandboxUnavailable, check_available
+
+    config = SandboxConfig.from_settings(get_settings())
+    try:
+        check_available(config)
+    except SandboxUnavailable as exc:
+        log.critical("refusing to start: %s", exc)
+        print(f"refusing to start the worker: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(3) from None
+    if config.mode == "off":
+        log.warning("ORCHESTRATOR_SANDBOX=off: agent commands and gates run unconfined; every result says so")
+
+
+@worker_init.connect
+def _preload_and_freeze(**_: Any) -> None:
+    """Import the agent stack once in the worker's main process and freeze it before the pool starts.
+
+    Prefork children then share those pages instead of copying them as the garbage collector touches every object
+    (measured: 76 -> 39 MiB PSS per running agent). In the threads pool it only makes later collections cheaper.
+    """
+    import gc
+
+    import orchestrator.runner  # noqa: F401 - the anthropic SDK, the models, the tools
+
+    gc.collect()
+    gc.freeze()

@@ -1,33 +1,55 @@
-"""The agent loop: reserve budget, call the model, settle, run tools, checkpoint; until done or stopped.
+"""The agent loop: fit the context, wait out rate limits, reserve budget, call the model, settle, run tools,
+checkpoint; until done or stopped.
 
 A run ends by returning (the model ended its turn, or ``max_turns``) or by raising a typed ``StopRun``
 (killed, budget, time, error). The transcript is checkpointed after every model reply and after its tool
 results, so a resumed run never asks the model again for a turn it already answered.
+
+Every ``stop_reason`` is handled: ``tool_use`` runs the tools; ``end_turn`` / ``stop_sequence`` end the run;
+``max_tokens`` goes on (a tool call in a cut-off reply is never run: it is answered with an error result);
+``pause_turn`` sends the conversation back as it is; ``refusal`` fails the run with the refusal as its error;
+``model_context_window_exceeded`` goes on like ``max_tokens`` after clearing old tool results.
+
+Failed calls go to the rate limiter (``orchestrator.ratelimit``): 429/529/5xx/connection errors wait and retry
+(fleet-wide for 429/529), a spend limit or a wait past the limit fails the run. A call that would not fit the
+context window (or a 400 saying the prompt is too long) first clears the oldest tool results
+(``orchestrator.agent.context``); only a conversation that still does not fit fails, ``context window exhausted``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from orchestrator.agent.model import CallInterrupted, ModelCallError, ModelClient
+import anthropic
+
+from orchestrator.agent.context import CLEAR_TARGET, clear_old_tool_results
+from orchestrator.agent.model import CallInterrupted, ModelCallError, ModelClient, ModelReply
 from orchestrator.agent.tools import Toolbox
-from orchestrator.models import State, Usage
+from orchestrator.errors import StopRun
+from orchestrator.models import Usage
+from orchestrator.ratelimit import RateLimiter
+from orchestrator.states import State
+
+__all__ = ["AgentLoop", "Checkpoint", "LoopConfig", "StopRun", "StopSignal"]
+
+log = logging.getLogger(__name__)
 
 INPUT_MARGIN_TOKENS = 64  # per call: message framing the byte bound does not see
+MIN_OUTPUT_TOKENS = 1024  # a call whose output would have to be smaller than this does not fit the window
+DEFAULT_MAX_WAIT_SECONDS = 900.0
 CONTINUE_PROMPT = "Your reply was cut off by the token limit. Continue where you stopped."
-
-
-class StopRun(Exception):
-    """The run must end now with ``status``; its work so far is kept."""
-
-    def __init__(self, status: State, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
+CUT_OFF_RESULT = ("Not run: your reply was cut off by the output token limit before this tool call was complete. "
+                  "Send the call again if you still need it.")
+DONE_REASONS = ("end_turn", "stop_sequence")
+GO_ON_REASONS = ("max_tokens", "pause_turn", "model_context_window_exceeded")
+_TOO_LONG = re.compile(r"prompt is too long|exceed context limit|context window|context length", re.IGNORECASE)
+_LIMIT = re.compile(r">\s*([\d,]+)")
 
 
 @dataclass
@@ -37,8 +59,8 @@ class Checkpoint:
     messages: list[dict[str, Any]]
     turns: int = 0
     usage: Usage = field(default_factory=Usage)
-    last_call_tokens: int | None = None  # exact tokens of the last call (input side + output)
-    last_call_messages: int = 0  # transcript length right after the last reply
+    last_call_tokens: int | None = None  # exact tokens of messages[:last_call_messages] (last call, or a recount)
+    last_call_messages: int = 0  # transcript length those tokens cover
     last_tool: str | None = None
     stop_reason: str | None = None
 
@@ -81,6 +103,30 @@ class Ledger(Protocol):
         ...
 
 
+class Traffic(Protocol):
+    """The rate limiter as the loop sees it (``orchestrator.ratelimit.RateLimiter``)."""
+
+    def wait_if_paused(self) -> None:
+        """Wait while the fleet is paused on this model."""
+        ...
+
+    def before_call(self, input_tokens: int, output_tokens: int) -> None:
+        """Wait until the call can go out."""
+        ...
+
+    def on_response(self, headers: Mapping[str, str]) -> None:
+        """A call was accepted."""
+        ...
+
+    def on_failure(self, exc: BaseException) -> bool:
+        """A call failed: wait and return True to retry, False when waiting cannot help."""
+        ...
+
+    def close(self) -> None:
+        """The run ends."""
+        ...
+
+
 class StopSignal:
     """A thread-safe stop request with the status it ends the run in."""
 
@@ -117,9 +163,32 @@ class LoopConfig:
 
     max_turns: int
     max_tokens_per_turn: int
-    retries: int = 3
-    retry_backoff_seconds: float = 1.0
     stuck_repeats: int = 5  # the same tool call with the same result this many times in a row is "stuck"
+    context_window: int | None = None  # input + max_tokens of one call; None: learnt from the API's refusals
+    keep_tool_results: int = 3  # the most recent tool results are never cleared
+
+
+def context_overflow(exc: BaseException) -> tuple[bool, int | None]:
+    """Whether the API refused a call as too long for the context window, and the window it named."""
+    if not isinstance(exc, anthropic.BadRequestError):
+        return False, None
+    text = f"{exc.api_message or ''} {exc}"
+    if not _TOO_LONG.search(text):
+        return False, None
+    limits = _LIMIT.findall(text)
+    return True, int(limits[-1].replace(",", "")) if limits else None
+
+
+def refusal_reason(reply: ModelReply) -> str:
+    """The error of a run the model refused: its category, explanation and text, as far as the API gave them."""
+    details = reply.stop_details or {}
+    parts = [f"category {details['category']}"] if details.get("category") else []
+    if details.get("explanation"):
+        parts.append(str(details["explanation"]))
+    text = " ".join(str(b.get("text", "")) for b in reply.content if b.get("type") == "text").strip()
+    if text:
+        parts.append(f"reply: {text[:500]}")
+    return "the model refused to continue (stop_reason refusal)" + (": " + "; ".join(parts) if parts else "")
 
 
 def _bytes(value: Any) -> int:
@@ -132,7 +201,7 @@ class AgentLoop:
     def __init__(self, model: ModelClient, toolbox: Toolbox, ledger: Ledger, stop: StopSignal,
                  config: LoopConfig, on_checkpoint: Callable[[Checkpoint], None],
                  on_progress: Callable[[Checkpoint], None] | None = None,
-                 on_stuck: Callable[[str], None] | None = None) -> None:
+                 on_stuck: Callable[[str], None] | None = None, limiter: Traffic | None = None) -> None:
         self.model = model
         self.toolbox = toolbox
         self.ledger = ledger
@@ -141,25 +210,37 @@ class AgentLoop:
         self.on_checkpoint = on_checkpoint
         self.on_progress = on_progress or (lambda cp: None)
         self.on_stuck = on_stuck or (lambda reason: None)
+        self.limiter: Traffic = limiter or RateLimiter(None, None, model.model, stop,
+                                                       max_wait=DEFAULT_MAX_WAIT_SECONDS)
         self._last_call: tuple[str, str] | None = None
         self._repeats = 0
+        self._window = config.context_window
+        self._squeeze: str | None = None  # "learnt" / "refused": clear on the next call even if it seems to fit
+        self._cached = 0  # input tokens of the last call, cached for the next one (its prefix)
+        self.cleared = 0  # tool results this loop cleared
 
     def run(self, cp: Checkpoint) -> Checkpoint:
         """Run from ``cp`` (fresh or resumed) until the model ends its turn or ``max_turns``."""
-        self._run_pending_tools(cp)
-        while True:
-            self.stop.check()
-            if cp.turns >= self.config.max_turns:
-                cp.stop_reason = "max_turns"
-                return cp
-            reply_stop = self._turn(cp)
-            if reply_stop == "max_tokens" and not self._pending_tool_uses(cp):
-                cp.messages.append({"role": "user", "content": CONTINUE_PROMPT})
-            if reply_stop not in ("tool_use", "max_tokens"):
-                cp.stop_reason = reply_stop or "end_turn"
-                self.on_checkpoint(cp)
-                return cp
+        try:
             self._run_pending_tools(cp)
+            while True:
+                self.stop.check()
+                if cp.turns >= self.config.max_turns:
+                    cp.stop_reason = "max_turns"
+                    return cp
+                reply = self._turn(cp)
+                reason = self._take(cp, reply)
+                if reason == "refusal":
+                    raise StopRun(State.FAILED, refusal_reason(reply))
+                if reason in GO_ON_REASONS:
+                    continue
+                if reason != "tool_use" or not self._pending_tool_uses(cp):
+                    cp.stop_reason = reason
+                    self.on_checkpoint(cp)
+                    return cp
+                self._run_pending_tools(cp)
+        finally:
+            self.limiter.close()
 
     def input_bound(self, cp: Checkpoint) -> int:
         """An upper bound on the next call's input tokens: exact count plus the bytes added since."""
@@ -168,46 +249,121 @@ class AgentLoop:
         added = cp.messages[cp.last_call_messages:]
         return cp.last_call_tokens + sum(_bytes(m) for m in added) + INPUT_MARGIN_TOKENS
 
-    def _stopped_or_failed(self, err: ModelCallError, attempt: int) -> None:
-        """Raise the right StopRun for a failed call unless it may be retried."""
-        if self.stop.is_set() or isinstance(err.cause, StopRun | CallInterrupted):
-            self.stop.check()
-            raise StopRun(State.KILLED, "stopped") from None
-        if not err.retryable or attempt > self.config.retries:
-            raise StopRun(State.FAILED, f"model call failed: {err}") from None
-
-    def _turn(self, cp: Checkpoint) -> str | None:
-        attempt = 0
+    # -- one call ---------------------------------------------------------------------------------------------
+    def _turn(self, cp: Checkpoint) -> ModelReply:
+        """Make the next call, waiting and retrying as the traffic rules say; the settled reply."""
         while True:
             self.stop.check()
             try:
-                input_bound = self.input_bound(cp)
+                self.limiter.wait_if_paused()
+                input_bound, max_tokens = self._fit(cp)
+                self.limiter.before_call(max(0, input_bound - self._cached), max_tokens)
             except ModelCallError as err:
-                attempt += 1
-                self._stopped_or_failed(err, attempt)
-                self.stop.wait(self.config.retry_backoff_seconds * 2 ** (attempt - 1))
+                self._failed(err)
                 continue
-            reservation = self.ledger.reserve(input_bound, self.config.max_tokens_per_turn)
+            reservation = self.ledger.reserve(input_bound, max_tokens)
             try:
-                reply = self.model.call(cp.messages, reservation.max_tokens, on_event=self.stop.check)
+                reply = self.model.call(cp.messages, reservation.max_tokens, on_event=self.stop.check,
+                                        on_response=self.limiter.on_response)
             except (ModelCallError, CallInterrupted) as exc:
-                # The interrupt can land outside the SDK's own handling: a stop, nothing billed.
+                # The interrupt can land outside the SDK's own handling: a stop, nothing billed. A refused call
+                # has zero usage: settling it releases the reservation.
                 failure = exc if isinstance(exc, ModelCallError) else ModelCallError(exc)
                 self.ledger.settle(reservation, failure.usage)
                 cp.usage = cp.usage.add(failure.usage)
-                attempt += 1
-                self._stopped_or_failed(failure, attempt)
-                self.stop.wait(self.config.retry_backoff_seconds * 2 ** (attempt - 1))
+                self._failed(failure)
                 continue
             self.ledger.settle(reservation, reply.usage)
-            break
+            return reply
+
+    def _failed(self, err: ModelCallError) -> None:
+        """Decide about a failed call: return to retry (after any wait), or raise the StopRun that ends the run."""
+        if self.stop.is_set() or isinstance(err.cause, StopRun | CallInterrupted):
+            self.stop.check()
+            if isinstance(err.cause, StopRun):
+                raise err.cause from None
+            raise StopRun(State.KILLED, "stopped") from None
+        overflow, limit = context_overflow(err.cause)
+        if overflow:
+            learnt = limit is not None and (self._window is None or limit < self._window)
+            if learnt:
+                self._window = limit
+            log.warning("model refused the call as too long for its context window (%s); clearing old tool results",
+                        f"limit {limit}" if limit else "limit not given")
+            self._squeeze = "learnt" if learnt else "refused"
+            return
+        if not self.limiter.on_failure(err.cause):
+            raise StopRun(State.FAILED, f"model call failed: {err}") from None
+
+    def _take(self, cp: Checkpoint, reply: ModelReply) -> str:
+        """Add a reply to the transcript (answering any cut-off tool call) and checkpoint; its stop reason."""
+        reason = reply.stop_reason or "end_turn"
         cp.usage = cp.usage.add(reply.usage)
         cp.turns += 1
-        cp.messages.append({"role": "assistant", "content": reply.content})
+        if reply.content:
+            cp.messages.append({"role": "assistant", "content": reply.content})
         cp.last_call_tokens = reply.usage.total_tokens
         cp.last_call_messages = len(cp.messages)
+        u = reply.usage
+        self._cached = u.input_tokens + u.cache_creation_input_tokens + u.cache_read_input_tokens \
+            if self.model.caching else 0
+        if reason in ("max_tokens", "model_context_window_exceeded"):
+            cut = [b for b in reply.content if b.get("type") == "tool_use"]
+            if cut:  # never run a call that was cut off; answer it so the transcript stays valid
+                results: list[dict[str, Any]] = [{"type": "tool_result", "tool_use_id": b["id"], "is_error": True,
+                                                  "content": CUT_OFF_RESULT} for b in cut]
+                cp.messages.append({"role": "user", "content": [*results, {"type": "text", "text": CONTINUE_PROMPT}]})
+            else:
+                cp.messages.append({"role": "user", "content": CONTINUE_PROMPT})
+        if reason == "model_context_window_exceeded":  # this call filled the model's window: that is its size
+            self._window = min(self._window or u.total_tokens, u.total_tokens)
+            self._squeeze = "learnt"
+        if reason == "refusal":
+            cp.stop_reason = reason
         self.on_checkpoint(cp)
-        return reply.stop_reason
+        return reason
+
+    # -- the context window -----------------------------------------------------------------------------------
+    def _recount(self, cp: Checkpoint) -> int:
+        exact = self.model.count_tokens(cp.messages)
+        cp.last_call_tokens, cp.last_call_messages = exact, len(cp.messages)
+        return exact
+
+    def _fit(self, cp: Checkpoint) -> tuple[int, int]:
+        """(input bound, max_tokens) of the next call, clearing old tool results if it would not fit the window."""
+        wanted = self.config.max_tokens_per_turn
+        squeeze = self._squeeze  # kept until this succeeds: a count refused by a rate limit is tried again
+        bound = self.input_bound(cp)
+        if not squeeze and (self._window is None or bound + wanted <= self._window):
+            return bound, wanted
+        exact = bound if cp.last_call_tokens is None else self._recount(cp)
+        self._squeeze = None
+        if squeeze == "refused":  # the API said no, though we thought it fits: the window is smaller than we know
+            self._window = min(self._window or exact + wanted, exact + wanted - 1)
+        window = self._window if self._window is not None else exact + wanted
+        if not squeeze and exact + wanted <= window:
+            return exact, wanted
+        goal = int(window * CLEAR_TARGET) - wanted
+        cleared = 0
+        while exact > goal:
+            step = clear_old_tool_results(cp.messages, self.config.keep_tool_results, exact - goal)
+            if not step.cleared:
+                break
+            cp.messages = step.messages
+            cleared += step.cleared
+            exact = self._recount(cp)
+        if cleared:
+            self.cleared += cleared
+            self._cached = 0  # the prefix after the first cleared result is new to the cache
+            log.info("cleared %d old tool results to fit the %d-token context window: %d input tokens now",
+                     cleared, window, exact)
+            self.on_checkpoint(cp)  # the cleared transcript is what a resumed run sends
+        floor = min(wanted, MIN_OUTPUT_TOKENS)
+        if exact + floor > window or (squeeze == "refused" and not cleared):
+            raise StopRun(State.FAILED, f"context window exhausted: {exact:,} input tokens after clearing old tool "
+                          f"results (the last {self.config.keep_tool_results} kept) leave too little room for output "
+                          f"in the {window:,}-token context window")
+        return exact, min(wanted, window - exact)
 
     @staticmethod
     def _pending_tool_uses(cp: Checkpoint) -> list[dict[str, Any]]:

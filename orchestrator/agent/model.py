@@ -1,20 +1,27 @@
 """The model call: one streamed Messages API request through the official ``anthropic`` SDK.
 
-The SDK's own retries are off (``max_retries=0``): the agent loop is the one retry layer, because only it knows
-whether a failed call was cut on purpose (kill, killswitch) and whether the budget still allows another try.
+The SDK's own retries are off (``max_retries=0``): the agent loop and ``orchestrator.ratelimit`` are the one retry
+layer, because only they know whether a failed call was cut on purpose (kill, killswitch), whether the fleet is
+paused, and whether the budget still allows another try.
+
+Prompt caching: every request marks its stable prefix with ``cache_control`` breakpoints (see ``request``): the
+system block (the prefix runs tools -> system -> messages, so it covers the tools too), the end of the previous
+request and the end of this one. The marks are added to the request only, never to the transcript the caller
+keeps, so a resumed run sends exactly the same prefix; ``count_tokens`` sees the same request, so its count is
+the exact input of the call.
 """
 
 from __future__ import annotations
 
 import contextlib
-import signal
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import anthropic
 
+from orchestrator.agent import transport
 from orchestrator.models import Usage
 from orchestrator.pricing import cost_micro_usd
 
@@ -26,6 +33,7 @@ class ModelReply:
     content: list[dict[str, Any]]
     stop_reason: str | None
     usage: Usage
+    stop_details: dict[str, Any] | None = None  # e.g. a refusal's category and explanation
 
 
 @dataclass
@@ -63,90 +71,110 @@ def block_to_param(block: Any) -> dict[str, Any]:
 
 
 RETRYABLE = (anthropic.APIConnectionError, anthropic.RateLimitError, anthropic.InternalServerError)
+EPHEMERAL: dict[str, str] = {"type": "ephemeral"}
 
-# Cutting a call before the response headers arrive: there is no stream to close yet, and a silent server keeps
-# the reader blocked. A signal to the calling thread interrupts the blocked read at once (PEP 475); the handler
-# raises only while that thread is inside a call that was cancelled, so a late signal is harmless.
-INTERRUPT_SIGNAL = signal.SIGUSR2
-_armed: dict[int, bool] = {}
 
+def _blocks(content: Any) -> list[Any]:
+    """Message content as a list of blocks (a string becomes one text block, as the API reads it)."""
+    return [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
+
+
+def _marked(message: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a message whose last content block carries a cache breakpoint."""
+    blocks = _blocks(message["content"])
+    last = blocks[-1] if blocks else None
+    if isinstance(last, dict) and not (last.get("type") == "text" and not last.get("text")):  # never an empty text
+        blocks[-1] = dict(last, cache_control=EPHEMERAL)
+    return dict(message, content=blocks)
+
+
+def request_messages(messages: Sequence[dict[str, Any]], caching: bool = True) -> list[dict[str, Any]]:
+    """The messages as sent: content as block lists (so a message reads the same whether or not it is marked)
+    and, with ``caching``, breakpoints on the last block of the last message and of the message just before the
+    latest assistant reply (where the previous request ended). The input is not changed."""
+    out = [dict(m, content=_blocks(m["content"])) for m in messages]
+    if not caching or not out:
+        return out
+    last = len(out) - 1
+    marks = {last}
+    replies = [i for i, m in enumerate(out) if m.get("role") == "assistant"]
+    if replies and 0 < replies[-1] < last:
+        marks.add(replies[-1] - 1)
+    for i in marks:
+        out[i] = _marked(out[i])
+    return out
 
 class CallInterrupted(Exception):
-    """Raised in the calling thread by the interrupt signal: the call was cut on purpose."""
-
-
-def _on_interrupt(signum: int, frame: Any) -> None:
-    if _armed.get(threading.get_ident()):
-        _armed[threading.get_ident()] = False
-        raise CallInterrupted("model call cut by a stop request")
-
-
-def _install_interrupt_handler() -> bool:
-    if threading.current_thread() is not threading.main_thread():
-        return False
-    if signal.getsignal(INTERRUPT_SIGNAL) is not _on_interrupt:
-        signal.signal(INTERRUPT_SIGNAL, _on_interrupt)
-    return True
+    """The call was cut on purpose (kill, killswitch, duration limit), or the client was cancelled before it."""
 
 
 class ModelClient:
     """Streams one call at a time; ``cancel()`` from another thread cuts the call in flight."""
 
     def __init__(self, client: anthropic.Anthropic, model: str, system: str,
-                 tools: Sequence[dict[str, Any]], user_id: str) -> None:
+                 tools: Sequence[dict[str, Any]], user_id: str, caching: bool = True) -> None:
         self.client = client
         self.model = model
         self.system = system
         self.tools = list(tools)
         self.user_id = user_id
+        self.caching = caching
         self._lock = threading.Lock()
         self._stream: Any = None
         self._cancelled = False
-        self._caller: int | None = None  # thread inside call(), when it can be interrupted by a signal
+        self._caller: int | None = None  # the thread inside a request, for cancel() to cut
+        transport.install(getattr(client, "_client", None))
 
     @contextlib.contextmanager
     def _interruptible(self) -> Iterator[None]:
-        """Mark this thread as inside a request that ``cancel()`` may interrupt with a signal."""
+        """Mark this thread as inside a request that ``cancel()`` may cut (see ``orchestrator.agent.transport``)."""
         with self._lock:
             if self._cancelled:
                 raise CallInterrupted("model client was cancelled")
-            if _install_interrupt_handler():
-                self._caller = threading.get_ident()
+            self._caller = transport.begin()
         try:
             yield
         finally:
             with self._lock:
                 self._stream = None
-                if self._caller is not None:
-                    _armed.pop(self._caller, None)
+                transport.end(self._caller)
                 self._caller = None
 
+    def request(self, messages: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """The request's model, system, tools and messages, with the cache breakpoints when caching is on."""
+        system: dict[str, Any] = {"type": "text", "text": self.system}
+        if self.caching:
+            system["cache_control"] = EPHEMERAL
+        return {"model": self.model, "system": [system], "tools": self.tools,
+                "messages": request_messages(messages, self.caching)}
+
     def count_tokens(self, messages: Sequence[dict[str, Any]]) -> int:
-        """Exact input tokens of a request (the API's count_tokens endpoint; free)."""
+        """Exact input tokens of the request ``call`` would send (the API's count_tokens endpoint; free)."""
         try:
             with self._interruptible():
-                result = self.client.messages.count_tokens(
-                    model=self.model, system=self.system, messages=list(messages),  # type: ignore[arg-type]
-                    tools=self.tools,  # type: ignore[arg-type]
-                )
+                result = self.client.messages.count_tokens(**self.request(messages))
         except Exception as exc:
             raise ModelCallError(exc, Usage(), isinstance(exc, RETRYABLE)) from exc
         return int(result.input_tokens)
 
     def call(self, messages: Sequence[dict[str, Any]], max_tokens: int,
-             on_event: Callable[[], None] | None = None) -> ModelReply:
-        """Stream one response; raises ModelCallError carrying the usage billed so far."""
+             on_event: Callable[[], None] | None = None,
+             on_response: Callable[[Mapping[str, str]], None] | None = None) -> ModelReply:
+        """Stream one response; raises ModelCallError carrying the usage billed so far.
+
+        ``on_response`` gets the response headers as soon as the API accepted the call (before the first event).
+        """
         seen = {"input": 0, "output": 0, "cw": 0, "cr": 0}
         try:
             with self._interruptible(), self.client.messages.stream(
-                model=self.model, max_tokens=max_tokens, system=self.system,
-                messages=list(messages), tools=self.tools,  # type: ignore[arg-type]
-                metadata={"user_id": self.user_id},
+                max_tokens=max_tokens, metadata={"user_id": self.user_id}, **self.request(messages),
             ) as stream:
                 with self._lock:
                     self._stream = stream
                     if self._cancelled:
                         stream.close()
+                if on_response is not None:
+                    on_response(stream.response.headers)
                 for event in stream:
                     if event.type == "message_start":
                         u = event.message.usage
@@ -165,17 +193,21 @@ class ModelClient:
         u = final.usage
         usage = make_usage(self.model, u.input_tokens, u.output_tokens,
                            u.cache_creation_input_tokens or 0, u.cache_read_input_tokens or 0)
-        return ModelReply([block_to_param(b) for b in final.content], final.stop_reason, usage)
+        details = final.stop_details.model_dump(mode="json", exclude_none=True) if final.stop_details else None
+        return ModelReply([block_to_param(b) for b in final.content], final.stop_reason, usage, details)
 
     def cancel(self) -> None:
-        """Cut the call in flight (and any later one): thread-safe."""
+        """Cut the call in flight (and refuse any later one): thread-safe, from any thread, at once.
+
+        The calling thread's socket is shut down under it (before the response headers as well as mid-stream),
+        and the stream is closed.
+        """
         with self._lock:
             self._cancelled = True
             stream = self._stream
             caller = self._caller
-            if caller is not None and caller != threading.get_ident():
-                _armed[caller] = True
-                signal.pthread_kill(caller, INTERRUPT_SIGNAL)
+        if caller is not None and caller != threading.get_ident():
+            transport.cut(caller)
         if stream is not None:
             # Closing a half-read response from another thread may raise; the reader stops anyway.
             with contextlib.suppress(Exception):

@@ -4,17 +4,20 @@ The model sees Anthropic's schema-less client tools; this module implements them
 
 * ``bash`` runs every command in a *fresh* ``/bin/bash -c`` started in the worktree (there is no persistent
   shell session, so ``cd`` and variables do not carry over between calls). Each command gets its own process
-  group, a sanitised environment, a timeout and a bounded output buffer. When the command's main process
-  exits, whatever it left running in its process group is killed: a command's leftovers never outlive it.
-  (A process that deliberately leaves the group, e.g. via ``setsid``, escapes this; reading its output is
-  abandoned shortly after the command's main process exits, so it cannot block the tool.)
+  group, a sanitised environment, a timeout and a bounded output buffer. With a :class:`~orchestrator.sandbox.Sandbox`
+  the command runs confined (bubblewrap: its own PID namespace, so nothing it starts outlives it, ``setsid``
+  included). Without one, whatever it left running in its process group is killed when its main process exits;
+  a process that deliberately leaves the group (``setsid``) escapes this, and reading its output is abandoned
+  shortly after the main process exits, so it cannot block the tool.
 * ``str_replace_based_edit_tool`` (``view``, ``create``, ``str_replace``, ``insert``) only touches paths that
-  resolve (symlinks included) inside the worktree and outside its ``.git``.
+  resolve (symlinks included) inside the worktree and outside its ``.git``, and never a file with more than one
+  hard link (its other name may be outside the worktree).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -29,6 +32,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+from orchestrator.sandbox import Launch, Sandbox, SandboxUnavailable
 
 __all__ = [
     "TOOL_DEFINITIONS",
@@ -308,6 +313,15 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+def _refuse_hard_links(display: str, info: os.stat_result) -> None:
+    """A regular file with several hard links may be another name of a file outside the worktree."""
+    if info.st_nlink > 1:
+        raise _ToolError(
+            f"{display} has {info.st_nlink} hard links; the editor does not touch hard-linked files (another "
+            "name of the file may be outside the worktree)"
+        )
+
+
 _BINARY_SNIFF_BYTES = 8192
 _MAX_EDIT_FILE_BYTES = 32 * 1024 * 1024
 _SNIPPET_CONTEXT = 4
@@ -335,6 +349,8 @@ class Toolbox:
 
     ``env`` defaults to :func:`safe_env`. ``max_view_chars`` caps ``view`` output (it is also advertised as
     ``max_characters`` by :meth:`tool_definitions`); all output is capped at ``output_limit`` characters.
+    With ``sandbox``, shell commands are launched through it (its environment is the one it was built with).
+    :meth:`kill_running` latches a stop: no command starts afterwards until :meth:`reset_stop`.
     """
 
     def __init__(
@@ -345,6 +361,7 @@ class Toolbox:
         output_limit: int = 30_000,
         env: Mapping[str, str] | None = None,
         max_view_chars: int | None = None,
+        sandbox: Sandbox | None = None,
     ) -> None:
         if shell_timeout <= 0:
             raise ValueError("shell_timeout must be positive")
@@ -357,10 +374,12 @@ class Toolbox:
         self.output_limit = output_limit
         self.max_view_chars = max_view_chars
         self._env = dict(env) if env is not None else safe_env()
+        self.sandbox = sandbox
         self._run_lock = threading.Lock()  # one shell command at a time
-        self._state_lock = threading.Lock()  # guards _pgid / _killed against kill_running()
+        self._state_lock = threading.Lock()  # guards _pgid / _killed / _stopped against kill_running()
         self._pgid: int | None = None
         self._killed = False
+        self._stopped = False
 
     # -- public API -----------------------------------------------------------------------------------------
 
@@ -380,13 +399,29 @@ class Toolbox:
             return self._pgid
 
     def kill_running(self) -> bool:
-        """SIGKILL the process group of the running shell command (thread-safe); True if one was killed."""
+        """SIGKILL the running shell command's process group and latch a stop (thread-safe).
+
+        Returns True if a command was running. Until :meth:`reset_stop`, any later command is refused (it ends
+        ``killed`` without running), also one whose start raced with this call.
+        """
         with self._state_lock:
+            self._stopped = True
             if self._pgid is None:
                 return False
             self._killed = True
             _killpg(self._pgid)
             return True
+
+    @property
+    def stopped(self) -> bool:
+        """Whether :meth:`kill_running` latched a stop that :meth:`reset_stop` has not cleared."""
+        with self._state_lock:
+            return self._stopped
+
+    def reset_stop(self) -> None:
+        """Allow commands again after :meth:`kill_running`."""
+        with self._state_lock:
+            self._stopped = False
 
     def run(self, name: str, tool_input: Mapping[str, Any]) -> ToolResult:
         """Dispatch a ``tool_use`` to the named tool; model mistakes become error results, not exceptions."""
@@ -472,23 +507,43 @@ class Toolbox:
 
     def _spawn(self, command: str, timeout: float) -> ShellOutcome:
         started = time.monotonic()
+        if self.stopped:
+            return ShellOutcome("", None, False, True, 0.0)
+        launch: Launch | None = None
         try:
+            if self.sandbox is not None:
+                launch = self.sandbox.launch(command)
+                argv, env, cwd = launch.argv, launch.env, launch.cwd
+            else:
+                argv, env, cwd = ["/bin/bash", "-c", command], self._env, str(self.worktree)
             proc = subprocess.Popen(
-                ["/bin/bash", "-c", command],
-                cwd=self.worktree,
-                env=self._env,
+                argv,
+                cwd=cwd,
+                env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 close_fds=True,
             )
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, SandboxUnavailable) as exc:
+            if launch is not None:
+                launch.cleanup()
             return ShellOutcome("", None, False, False, 0.0, f"could not start the command: {exc}")
+        try:
+            return self._supervise(proc, timeout, started)
+        finally:
+            if launch is not None:
+                launch.cleanup()
+
+    def _supervise(self, proc: subprocess.Popen[bytes], timeout: float, started: float) -> ShellOutcome:
         assert proc.stdout is not None
         with self._state_lock:
             self._pgid = proc.pid  # start_new_session: the leader's pid is the group id
-            self._killed = False
+            # A stop that landed after the check above (before the group was known) kills the command at once.
+            self._killed = self._stopped
+            if self._killed:
+                _killpg(proc.pid)
         capture = _OutputCapture(self.output_limit)
         fd = proc.stdout.fileno()
         os.set_blocking(fd, False)
@@ -568,21 +623,34 @@ class Toolbox:
         return min(self.max_view_chars, self.output_limit)
 
     def _read_file(self, display: str, resolved: Path, *, strict: bool) -> str:
-        """Read a regular text file; ``strict`` refuses invalid UTF-8 (editing must not corrupt bytes)."""
+        """Read a regular text file; ``strict`` refuses invalid UTF-8 (editing must not corrupt bytes).
+
+        The checks are made on the opened file itself (no symlink followed, no FIFO blocking), so the path
+        cannot be swapped between check and read.
+        """
         try:
-            info = resolved.stat()
+            fd = os.open(resolved, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             raise _ToolError(f"the path {display} does not exist. Please provide a valid path.") from None
-        if stat.S_ISDIR(info.st_mode):
-            raise _ToolError(f"the path {display} is a directory and only the `view` command can be used on it")
-        if not stat.S_ISREG(info.st_mode):
-            raise _ToolError(f"the path {display} is not a regular file")
-        if info.st_size > _MAX_EDIT_FILE_BYTES:
-            raise _ToolError(
-                f"{display} is too large ({info.st_size} bytes; the limit is {_MAX_EDIT_FILE_BYTES}); "
-                "use bash tools such as head, sed -n or grep instead"
-            )
-        data = resolved.read_bytes()
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise _ToolError(f"the path {display} is not a regular file") from None
+            raise
+        with os.fdopen(fd, "rb") as handle:
+            info = os.fstat(handle.fileno())
+            if stat.S_ISDIR(info.st_mode):
+                raise _ToolError(
+                    f"the path {display} is a directory and only the `view` command can be used on it"
+                )
+            if not stat.S_ISREG(info.st_mode):
+                raise _ToolError(f"the path {display} is not a regular file")
+            _refuse_hard_links(display, info)
+            if info.st_size > _MAX_EDIT_FILE_BYTES:
+                raise _ToolError(
+                    f"{display} is too large ({info.st_size} bytes; the limit is {_MAX_EDIT_FILE_BYTES}); "
+                    "use bash tools such as head, sed -n or grep instead"
+                )
+            data = handle.read(_MAX_EDIT_FILE_BYTES + 1)
         if b"\0" in data[:_BINARY_SNIFF_BYTES]:
             raise _ToolError(f"{display} appears to be a binary file; the editor only handles text files")
         if not strict:
@@ -670,6 +738,7 @@ class Toolbox:
                 raise _ToolError(f"the path {display} is a directory; cannot create a file there")
             if not stat.S_ISREG(info.st_mode):
                 raise _ToolError(f"the path {display} exists and is not a regular file")
+            _refuse_hard_links(display, info)
         resolved.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(resolved, file_text.encode("utf-8"))
         verb = "overwritten" if existed else "created"
