@@ -390,7 +390,7 @@ def bench_loop(h: Harness) -> list[Row]:
     life = Lifecycle(r, keys, AdmitParams(lease_seconds=60, slot_lease_seconds=600, slot_limit=10**6, hard=True,
                                           max_recoveries=3))
 
-    def running(agent_id: str) -> int:
+    def running(agent_id: str) -> str:
         """A running agent as the runner has it after admission: its fencing token."""
         life.create({"task_id": agent_id, "state": "queued", "spec": {}, "recoveries": 0}, agent_id)
         adm = life.admit(agent_id, "bench", "bench", priority=5, duration_seconds=3600)

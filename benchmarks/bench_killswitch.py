@@ -108,6 +108,7 @@ class Drill:
     terminated: int = 0  # revoke: tasks no longer active within the window
     still_running: int = 0  # revoke: tasks still active at the end of the window
     terminate_logged: int = 0  # revoke: "Terminating <id>" lines in the workers' logs
+    last_cut: float = 0.0  # command -> the last model stream closed (the offline model's call log)
 
 
 class Fleet:
@@ -207,11 +208,18 @@ class Fleet:
         self.model.reset()
 
 
-def killswitch_drill(fleet: Fleet, n: int, cli: bool = False) -> Drill:
-    """Engage with ``n`` agents in place (in-process, or the real CLI), until the last record is ``killed``.
+CLI_COMMANDS = {
+    "orchestrator": ["-m", "orchestrator.cli", "killswitch", "engage", "--reason", "bench drill (cli)", "--wait", "0"],
+    "celery": ["-m", "celery", "-A", "orchestrator", "control", "killswitch", "bench drill (celery control)"],
+}
 
-    With ``cli``, ``command_seconds`` is the time from starting ``orchestrator killswitch engage`` to the engage
-    inside it (interpreter start and imports: the state's ``engaged_ts``).
+
+def killswitch_drill(fleet: Fleet, n: int, cli: str | None = None) -> Drill:
+    """Engage with ``n`` agents in place (in-process, or a real command: ``cli`` names one of ``CLI_COMMANDS``),
+    until the last record is ``killed``; also when the last model stream was cut, from the model's call log.
+
+    With ``cli``, ``command_seconds`` is the time from starting the command to the engage inside it (interpreter
+    start and imports: the state's ``engaged_ts``).
     """
     results, agent_ids = fleet.launch(n)
     drill = Drill(n)
@@ -219,7 +227,7 @@ def killswitch_drill(fleet: Fleet, n: int, cli: bool = False) -> Drill:
         engaged_wall = time.time()
         start = time.perf_counter()
         if cli:
-            argv = [sys.executable, "-m", "orchestrator.cli", "killswitch", "engage", "--reason", "bench drill (cli)"]
+            argv = [sys.executable, *CLI_COMMANDS[cli]]
             with subprocess.Popen(argv, env=fleet.h.env(None), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                   text=True, cwd=Path(__file__).resolve().parent.parent) as proc:
                 try:
@@ -239,6 +247,9 @@ def killswitch_drill(fleet: Fleet, n: int, cli: bool = False) -> Drill:
         if any(o.get("status") != State.KILLED.value for o in outs):
             raise RuntimeError(f"not every agent was killed: {[o.get('status') for o in outs]}")
         drill.agent_stop_seconds = float(fleet.switch.status()["slowest_stop_seconds"])
+        cut = [float(c["finished_at"]) for c in fleet.model.calls() if c.get("stream") and c.get("finished_at")
+               and c.get("status") == "client_closed" and float(c["finished_at"]) > engaged_wall]
+        drill.last_cut = (max(cut) - engaged_wall) if cut else 0.0
         fleet.aftermath(drill, agent_ids, settle=0.2)
         drill.phases = fleet.phases(agent_ids, engaged_wall)
         if drill.sleeps_left or drill.streams_left:
@@ -361,20 +372,21 @@ def bench_killswitch(h: Harness) -> list[Row]:
             for _ in range(drills):
                 ks[n].append(killswitch_drill(fleet, n))
             h.log(f"killswitch, {n} agents: " + ", ".join(f"{d.seconds * 1000:.0f} ms" for d in ks[n]))
-        cli = None
-        if not h.quick:
-            cli = killswitch_drill(fleet, sizes[-1], cli=True)
-            h.log(f"killswitch via CLI, {sizes[-1]} agents: {cli.seconds * 1000:.0f} ms")
+        clis: dict[str, Drill] = {}
+        for name in CLI_COMMANDS:
+            clis[name] = killswitch_drill(fleet, sizes[-1], cli=name)
+            h.log(f"killswitch via {name}, {sizes[-1]} agents: last cut {clis[name].last_cut * 1000:.0f} ms, "
+                  f"last killed {clis[name].seconds * 1000:.0f} ms")
         for n in sizes[-1:] if h.quick else sizes:  # last: revoke kills pool processes; the workers start new ones
             revoked[n] = d = revoke_drill(fleet, n, REVOKE_WINDOW)
             h.log(f"revoke, {n} agents: {d.terminated} terminated (last after {d.seconds * 1000:.0f} ms), "
                   f"{d.still_running} still running after {REVOKE_WINDOW:g} s; terminated ones left "
                   f"{d.sleeps_left} sleeps, {d.streams_left} streams, {d.not_stopped} records not killed, "
                   f"{d.commits} commits")
-    return _rows(ks, revoked, cli, drills)
+    return _rows(ks, revoked, clis, drills)
 
 
-def _rows(ks: dict[int, list[Drill]], revoked: dict[int, Drill], cli: Drill | None, drills: int) -> list[Row]:
+def _rows(ks: dict[int, list[Drill]], revoked: dict[int, Drill], clis: dict[str, Drill], drills: int) -> list[Row]:
     rows = []
     for n, runs in ks.items():
         ms = [d.seconds * 1000 for d in runs]
@@ -406,12 +418,14 @@ def _rows(ks: dict[int, list[Drill]], revoked: dict[int, Drill], cli: Drill | No
                              "final record"))
     rows.append(Row(NAME, f"  slowest stop as agents recorded it, {big} agents", median(
         [d.agent_stop_seconds * 1000 for d in ks[big]]), "ms", note="killswitch status slowest_stop_seconds, median"))
-    if cli is not None:
-        rows.append(Row(NAME, f"CLI 'orchestrator killswitch engage', {big} agents", cli.seconds * 1000, "ms",
-                        "in-process engage, median", median([d.seconds * 1000 for d in ks[big]]),
-                        f"1 drill, from starting the CLI; {cli.command_seconds * 1000:.0f} ms of it before the CLI "
-                        f"engaged (interpreter start, imports), {(cli.seconds - cli.command_seconds) * 1000:.0f} ms "
-                        "after"))
+    labels = {"orchestrator": "orchestrator killswitch engage", "celery": "celery -A orchestrator control killswitch"}
+    for name, cli in clis.items():
+        rows.append(Row(NAME, f"keystroke -> last stream cut, {big} agents: {labels[name]}", cli.last_cut * 1000, "ms",
+                        note=f"1 drill; {cli.command_seconds * 1000:.0f} ms before the command engaged (interpreter, "
+                             f"imports); goal < 1000 ms: {'met' if cli.last_cut < 1.0 else 'MISSED'}"))
+        rows.append(Row(NAME, f"keystroke -> last agent killed, {big} agents: {labels[name]}", cli.seconds * 1000,
+                        "ms", "in-process engage, median", median([d.seconds * 1000 for d in ks[big]]),
+                        note="work committed, record killed"))
     for n, d in revoked.items():
         ks_commits = min(x.commits for x in ks[n])
         left = (f"the {d.terminated} it stopped left {d.sleeps_left} sleep 600 processes (killswitch 0), "
@@ -422,6 +436,43 @@ def _rows(ks: dict[int, list[Drill]], revoked: dict[int, Drill], cli: Drill | No
                         d.still_running, f"of {n}", "after the killswitch", 0,
                         f"'Terminating' logged for {d.terminate_logged}/{n}; {left}; inspect + revokes "
                         f"{d.command_seconds * 1000:.0f} ms"))
+    return rows
+
+
+def _wall_ms(argv: Sequence[str], env: Mapping[str, str], runs: int) -> list[float]:
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        proc = subprocess.run(list(argv), env=dict(env), capture_output=True, text=True, timeout=60,
+                              cwd=Path(__file__).resolve().parent.parent)
+        times.append((time.perf_counter() - start) * 1000)
+        if proc.returncode not in (0, 69):  # 69: celery control with no worker to reply (the stop went out anyway)
+            raise RuntimeError(f"{' '.join(argv)} failed: {proc.stderr[-1000:]}")
+    return times
+
+
+def bench_operator(h: Harness) -> list[Row]:
+    """Wall time of the operator's commands against ``python -c "from celery import Celery"``."""
+    runs = 5 if h.quick else 11
+    env = h.env(None)
+    py = sys.executable
+    baseline = median(_wall_ms([py, "-c", "from celery import Celery"], env, runs))
+    commands = {
+        "orchestrator agents --json": [py, "-m", "orchestrator.cli", "agents", "--json"],
+        "orchestrator agents (table)": [py, "-m", "orchestrator.cli", "agents"],
+        "orchestrator killswitch status": [py, "-m", "orchestrator.cli", "killswitch", "status"],
+        "celery -A orchestrator control killswitch": [py, "-m", "celery", "-A", "orchestrator", "control",
+                                                      "killswitch", "bench"],
+    }
+    rows = []
+    for label, argv in commands.items():
+        ms = median(_wall_ms(argv, env, runs))
+        note = "goal < 2x" if "celery" not in label else "waits 1 s for replies (Celery's default --timeout)"
+        rows.append(Row("operator path", label, ms, "ms", "python -c 'from celery import Celery'", baseline,
+                        note=f"median of {runs}; {note}"))
+        if "control" in label:
+            with h.valkey.client(STATE_DB) as r:
+                r.delete("orch:killswitch", "orch:killswitch:stops", "orch:killswitch:audit")
     return rows
 
 
@@ -522,6 +573,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 BENCHMARKS = [
+    Benchmark("operator path", "wall time of orchestrator agents / killswitch status / celery control killswitch",
+              bench_operator),
     Benchmark("killswitch", "engage -> every agent killed (2, 10, 20 agents) vs Celery revoke(terminate=True)",
               bench_killswitch),
 ]

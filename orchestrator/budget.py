@@ -93,8 +93,8 @@ class Budget:
         k = self.keys
         ok, out, _headroom = cast(list[int], self._reserve(
             keys=[k.daily_used(day), k.daily_reserved(day), k.agent_used(agent_id), k.agent_reserved(agent_id),
-                  k.reservations, k.reservation(res_id), k.day_agents(day), k.day_exhausted(day),
-                  k.agent_exhausted(agent_id)],
+                  k.reservations, k.reservation_data, k.day_agents(day), k.day_exhausted(day),
+                  k.agent_exhausted(agent_id), k.day_cost(day)],
             args=[res_id, input_bound, max_output, MIN_CALL_OUTPUT_TOKENS, self.s.daily_token_limit, agent_limit,
                   "1" if self.hard else "0", self.clock() + self.s.reservation_lease_seconds, agent_id, day,
                   DAY_KEY_TTL_SECONDS],
@@ -116,19 +116,19 @@ class Budget:
             return None
         k = self.keys
         out = cast(list[int], self._settle(
-            keys=[k.reservations, k.reservation(res.id), k.daily_reserved(res.day), k.agent_reserved(res.agent_id),
+            keys=[k.reservations, k.reservation_data, k.daily_reserved(res.day), k.agent_reserved(res.agent_id),
                   k.daily_used(res.day), k.agent_used(res.agent_id), k.day_cost(res.day)],
-            args=[res.id, tokens, cost_micro, DAY_KEY_TTL_SECONDS],
+            args=[res.id, tokens, cost_micro],
         ))
         replicated(self.r, "token settlement")
         return (int(out[1]), int(out[2])) if out[0] else None
 
     def _lookup(self, reservation_id: str) -> TokenReservation | None:
-        day, agent, amount = cast(list[str | None], self.r.hmget(
-            self.keys.reservation(reservation_id), "day", "agent", "amount"))
-        if day is None or agent is None:
+        data = cast(str | None, self.r.hget(self.keys.reservation_data, reservation_id))
+        if not data:
             return None
-        return TokenReservation(reservation_id, 0, int(amount or 0), day, agent)
+        amount, day, agent = data.split("|", 2)
+        return TokenReservation(reservation_id, 0, int(amount), day, agent)
 
     def release(self, reservation: TokenReservation | str) -> bool:
         """Drop a reservation without charging it."""

@@ -112,9 +112,10 @@ class Keys:
         """Sorted set: reservation id scored by lease expiry."""
         return f"{self.prefix}budget:reservations"
 
-    def reservation(self, reservation_id: str) -> str:
-        """Hash: a reservation's amount, day and agent."""
-        return f"{self.prefix}budget:reservation:{reservation_id}"
+    @property
+    def reservation_data(self) -> str:
+        """Hash: reservation id -> "amount|day|agent" of every open token reservation."""
+        return f"{self.prefix}budget:reservation-data"
 
     def day_exhausted(self, day: str) -> str:
         """Flag: a call was refused on this day because the daily limit had too little left."""

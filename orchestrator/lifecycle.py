@@ -86,7 +86,7 @@ class Admission:
     """What ``admit`` decided for one delivery of an agent's run message."""
 
     outcome: str  # started | held | waiting | busy | final | stop | give_up | unknown
-    fence: int = 0
+    fence: str = ""  # the run's fencing token, opaque: "<n>:<server time>"
     window_start: float = 0.0
     over_limit: bool = False
 
@@ -174,10 +174,11 @@ class Lifecycle:
                   p.slot_limit, "0" if p.hard else "1", duration_seconds, _js(worker), _js(_now_iso()),
                   p.max_recoveries, waiting_score(priority, now), repr(now + DISPATCH_GRACE_SECONDS)]))
         replicated(self.r, "admission (lease and fencing token)")
-        return Admission(_str(out[0]), int(out[1]), float(_str(out[2])), bool(int(out[3])))
+        token = _str(out[1])
+        return Admission(_str(out[0]), "" if token == "0" else token, float(_str(out[2])), bool(int(out[3])))
 
     # -- a run's own writes -----------------------------------------------------------------------------
-    def beat(self, agent_id: str, holder: str, fence: int, *, reservation_id: str | None = None,
+    def beat(self, agent_id: str, holder: str, fence: str, *, reservation_id: str | None = None,
              reservation_lease_seconds: float = 600, **fields: Any) -> BeatReply:
         """Heartbeat: renew lease, heartbeat, slot and reservation; write ``fields``; read the persisted stops."""
         k, p = self.keys, self.params
@@ -190,7 +191,7 @@ class Lifecycle:
         return BeatReply(bool(int(ok)), (_str(reason) or "killswitch engaged") if _str(engaged) == "1" else None,
                          _str(stop) or None)
 
-    def save(self, agent_id: str, fence: int | None, checkpoint: Mapping[str, Any] | None = None, *,
+    def save(self, agent_id: str, fence: str | None, checkpoint: Mapping[str, Any] | None = None, *,
              snapshot: str | None = None, **fields: Any) -> None:
         """Write progress (the checkpoint, the worktree snapshot) while ``fence`` is the newest token, in one step;
         StaleFence otherwise."""
@@ -201,7 +202,7 @@ class Lifecycle:
         if not int(cast(int, ok)):
             raise StaleFence(f"agent {agent_id}: fencing token {fence} is stale")
 
-    def hand_back(self, agent_id: str, holder: str, fence: int, reason: str) -> float:
+    def hand_back(self, agent_id: str, holder: str, fence: str, reason: str) -> float:
         """running -> recovering (warm shutdown); returns the dispatch score to clear once the message is sent."""
         k = self.keys
         score = self._dispatch_score()
@@ -214,7 +215,7 @@ class Lifecycle:
         return score
 
     def finish(self, agent_id: str, task_id: str | None, status: State, fields: Mapping[str, Any], *,
-               fence: int | None = None, outbox: tuple[str, str, str] | None = None,
+               fence: str | None = None, outbox: tuple[str, str, str] | None = None,
                event: str | None = None) -> int:
         """A live agent -> ``status`` with ``fields`` (result etc.), atomically (see finish.lua).
 

@@ -39,7 +39,7 @@ def result_fields(result: AgentResult) -> dict[str, Any]:
 
 
 def finish_unstarted(fleet: Fleet, rec: dict[str, Any], status: State, error: str,
-                     fence: int | None = None) -> AgentResult | None:
+                     fence: str | None = None) -> AgentResult | None:
     """Give an agent that is not running its final result (killed while queued, held or waiting; given up).
 
     Without ``fence`` it only succeeds while no run owns the agent (None otherwise: that run stops itself).

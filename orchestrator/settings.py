@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     stuck_repeat_limit: int = Field(5, ge=2)
     stuck_no_progress_minutes: float = Field(30, gt=0)
     stuck_action: Literal["flag", "stop"] = "flag"
-    valkey_retry_seconds: float = Field(60, ge=0)
+    valkey_retry_seconds: float = Field(300, ge=0)
 
     shell_timeout_seconds: float = Field(300, gt=0)
     tool_output_limit: int = Field(30_000, ge=1000)

@@ -92,9 +92,9 @@ class Cluster:
         return env
 
     def worker(self, name: str = "w1", concurrency: int = 2, wait: bool = True, queues: str = "agents,ops",
-               **settings: Any) -> Worker:
+               pool: str = "prefork", **settings: Any) -> Worker:
         w = Worker(self.env(**settings), f"{name}@%h", concurrency=concurrency, queues=queues,
-                   log_path=self.tmp / f"{name}.log")
+                   log_path=self.tmp / f"{name}.log", pool=pool)
         self.procs.append(w)
         return w.wait_ready() if wait else w
 

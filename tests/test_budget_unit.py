@@ -143,7 +143,7 @@ def test_ledger_never_exceeds_limits_and_never_counts_twice(steps: list[tuple[st
         elif op == "expire":
             clock[0] += 61 * fraction
             b.expire_reservations()
-            open_res = [o for o in open_res if b.r.exists(b.keys.reservation(o[0]))]
+            open_res = [o for o in open_res if b.r.hexists(b.keys.reservation_data, o[0])]
         totals = b.day_totals()
         assert totals["used"] + totals["reserved"] <= daily
         assert totals["used"] == settled_total

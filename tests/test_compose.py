@@ -114,7 +114,8 @@ def volume_targets(service: dict[str, Any]) -> dict[str, str]:
     """Mount path -> named volume, for the short `name:/path` syntax this file uses."""
     targets = {}
     for volume in service.get("volumes") or []:
-        source, target = str(volume).split(":")[:2]
+        parts = str(volume).split(":")
+        source, target = (parts[0], parts[1]) if len(parts) > 1 else ("", parts[0])  # "" = anonymous volume
         targets[target] = source
     return targets
 
@@ -196,8 +197,8 @@ def test_worker_queues_cover_agents_and_ops(services: dict[str, dict[str, Any]])
     assert len(names) == len(found), "each worker needs its own node name"
     agents = found["agents"]
     assert option(agents, "-Q", "--queues") == "agents"
-    assert option(agents, "-P", "--pool") == "prefork"
-    assert option(agents, "--concurrency", "-c") == "${AGENTS_CONCURRENCY:-4}"
+    assert option(agents, "-P", "--pool") == "threads"
+    assert option(agents, "--concurrency", "-c") == "${AGENTS_CONCURRENCY:-10}"
     assert option(found["ops"], "--concurrency", "-c") == "2"
 
 
@@ -337,12 +338,18 @@ def test_volumes_hold_the_workspace_and_the_beat_schedule(
 ) -> None:
     named = volume_names_of(compose)
     workspace = compose["x-fleet-env"]["ORCHESTRATOR_WORKSPACE_DIR"]
-    for name in ("agents", "ops"):  # ops runs the worktree cleanup, so it must see the agents' workspace
-        assert volume_targets(services[name]).get(workspace) in named, name
-    assert volume_targets(services["agents"])[workspace] == volume_targets(services["ops"])[workspace]
+    # Each agents container keeps its worktrees in a volume of its own (anonymous): checkpoints carry the work, so
+    # nothing is shared between workers, and a scaled-out agents service must not share one either.
+    assert volume_targets(services["agents"]).get(workspace) == ""
+    assert workspace not in volume_targets(services["ops"])
+    assert not any(workspace in volume_targets(s) and volume_targets(s)[workspace] in named for s in services.values())
     schedule = option(argv(services["beat"]), "-s", "--schedule")
     assert schedule is not None
     assert volume_targets(services["beat"]).get(str(PurePosixPath(schedule).parent)) in named
+
+
+def test_agents_can_run_bubblewrap(services: dict[str, dict[str, Any]]) -> None:
+    assert set(services["agents"]["security_opt"]) == {"seccomp=unconfined", "apparmor=unconfined"}
 
 
 def test_agents_worker_has_time_for_a_warm_shutdown(services: dict[str, dict[str, Any]]) -> None:

@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from orchestrator.testing.offline_model import OfflineModel, Script, Turn, bash, text_turn
 from tests.conftest import REPO_ROOT, Cluster, git, mirror_of
 
@@ -32,12 +34,13 @@ def celery_control(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[
                           env=cluster.env(), capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
 
 
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
 def test_drill_stops_every_agent_at_once_and_keeps_their_work(cluster: Cluster, sample_repo: Path,
-                                                              offline: OfflineModel) -> None:
+                                                              offline: OfflineModel, pool: str) -> None:
     scripts(offline)
     assert sleep_pids() == []
     for name in ("w1", "w2"):
-        cluster.worker(name, concurrency=3)
+        cluster.worker(name, concurrency=3, pool=pool)
     pending = [cluster.submit({"task_id": f"drill-{kind}-{i}", "prompt": f"[[script:{kind}]] work",
                                "repo": str(sample_repo)}) for kind in ("streamer", "sleeper") for i in range(3)]
     cluster.wait_for(lambda: offline.open_streams() == 3 and len(sleep_pids()) == 6, timeout=60,

@@ -77,7 +77,7 @@ def test_a_task_id_whose_record_is_gone_is_free_again(life: Lifecycle, r: redis.
 def test_admit_runs_one_delivery_and_parks_the_rest(life: Lifecycle, r: redis.Redis) -> None:
     ids = [life.create(record(f"t-{i}"), f"t-{i}")[0] for i in range(3)]
     first = admit(life, ids[0])
-    assert first.outcome == "started" and first.fence == 1
+    assert first.outcome == "started" and first.fence.startswith("1:")
     assert indexes(r, ids[0]) == {"active", "heartbeats", "deadlines", "slots"}
     assert admit(life, ids[0], "w2").outcome == "busy"  # a second delivery of the same agent does nothing
     assert admit(life, ids[1]).outcome == "started"
@@ -176,7 +176,7 @@ def test_recovered_too_often_gives_up(life: Lifecycle, r: redis.Redis) -> None:
     agent_id, _, _ = life.create(record(), "t-1")
     r.hset(K.agent(agent_id), "recoveries", PARAMS.max_recoveries + 1)
     adm = admit(life, agent_id)
-    assert adm.outcome == "give_up" and adm.fence > 0
+    assert adm.outcome == "give_up" and adm.fence
 
 
 def test_resume_gets_a_fresh_window_and_makes_keys_permanent(life: Lifecycle, r: redis.Redis) -> None:
@@ -209,6 +209,24 @@ def test_beat_retakes_a_lease_lost_to_an_outage_and_reports_stops(life: Lifecycl
     reply = life.beat(agent_id, "w1", adm.fence)
     assert reply.killswitch_reason == "spend" and reply.stop_request == "x"
     assert not life.beat(agent_id, "intruder", adm.fence).owned  # the lease belongs to its holder
+
+
+def test_a_failover_that_loses_an_admission_never_gives_its_token_to_a_second_run(life: Lifecycle,
+                                                                                     r: redis.Redis) -> None:
+    agent_id, _, _ = life.create(record(), "t-1")
+    before = {key: r.dump(key) for key in (K.agent(agent_id), K.fence(agent_id), K.lease(agent_id))}
+    first = admit(life, agent_id, "host-a")
+    # The primary dies before replicating the admission: the promoted replica still has the state from before.
+    for key, value in before.items():
+        r.delete(key)
+        if value is not None:
+            r.restore(key, 0, value)
+    second = admit(life, agent_id, "host-b")
+    assert second.outcome == "started" and second.fence != first.fence
+    assert first.fence.split(":")[0] == second.fence.split(":")[0]  # the counter did go back...
+    with pytest.raises(StaleFence):  # ... but the first run can no longer write
+        life.save(agent_id, first.fence, {"by": "host-a"})
+    assert life.finish(agent_id, "t-1", State.COMPLETED, {}, fence=second.fence) == 1
 
 
 def test_dispatch_claims_are_exclusive(life: Lifecycle, r: redis.Redis) -> None:
@@ -255,9 +273,9 @@ def test_stale_fences_never_change_a_newer_runs_state(valkey: Valkey, ops: list[
         r.flushdb()
         life = Lifecycle(r, K, PARAMS)
         agent_id, _, _ = life.create(record(), "t-1")
-        runs: list[tuple[str, int]] = []  # (holder, fence) of every run ever admitted
+        runs: list[tuple[str, str]] = []  # (holder, fence) of every run ever admitted
         for verb, pick in ops:
-            current = int(r.get(K.fence(agent_id)) or 0)
+            current = r.get(K.fence(agent_id)) or ""
             if verb == "admit":
                 holder = f"w{len(runs)}"
                 adm = admit(life, agent_id, holder)

@@ -192,7 +192,7 @@ def test_a_100_second_valkey_outage_loses_nothing_and_counts_no_recovery(offline
     data = tmp_path / "valkey-data"
     server = Valkey(data_dir=data, persistence=True)
     port = server.port
-    settings = {**FAST, "heartbeat_timeout_seconds": 6, "valkey_retry_seconds": 240}
+    settings = {**FAST, "heartbeat_timeout_seconds": 6}  # the default VALKEY_RETRY_SECONDS (300) outlasts it
     env = fleet_env(server.url, tmp_path / "ws", offline.url, **settings)
     procs = [Worker(env, f"w{i}@%h", concurrency=2, log_path=tmp_path / f"w{i}.log") for i in (1, 2)]
     procs.append(Beat(env, log_path=tmp_path / "beat.log"))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from typing import Any
 
 from celery.exceptions import Ignore
@@ -15,16 +17,35 @@ from orchestrator.runner import execute, intake
 
 log = logging.getLogger(__name__)
 _fleet: Fleet | None = None
+_fleet_lock = threading.Lock()
 
 
 def fleet() -> Fleet:
-    """This process's fleet handles (created lazily, after the prefork fork)."""
+    """This process's fleet handles (created lazily, after the prefork fork; once, in the threads pool too)."""
     global _fleet
-    if _fleet is None:
-        f = Fleet.create()
-        f.enqueue = lambda agent_id: enqueue_run(f.store, agent_id)
-        _fleet = f
-    return _fleet
+    with _fleet_lock:
+        if _fleet is None:
+            f = Fleet.create()
+            f.enqueue = lambda agent_id: enqueue_run(f.store, agent_id)
+            _fleet = f
+        return _fleet
+
+
+_last_cleanup = [0.0]
+CLEANUP_EVERY_SECONDS = 3600.0
+
+
+def _clean_own_workspace(f: Fleet) -> None:
+    """Remove this worker's finished worktrees, at most once an hour (workers share no workspace)."""
+    now = time.monotonic()
+    with _fleet_lock:
+        if _last_cleanup[0] and now - _last_cleanup[0] < CLEANUP_EVERY_SECONDS:
+            return
+        _last_cleanup[0] = now
+    try:
+        ops.cleanup_worktrees(f)
+    except Exception:
+        log.exception("worktree cleanup failed (the next one retries)")
 
 
 @app.task(name=SPAWN_TASK, bind=True, acks_late=True)
@@ -40,6 +61,7 @@ def spawn_agent(self: Any, spec: Any = None, run_agent_id: str | None = None) ->
             f.dispatch(agent_id, score)
         raise Ignore()
     result = execute(f, run_agent_id, worker=self.request.hostname or "unknown")
+    _clean_own_workspace(f)
     if result is None:
         raise Ignore()  # held, waiting for a slot, or owned by another delivery: tracked in Valkey, not lost
     if isinstance(spec, dict) and spec.get("callback"):

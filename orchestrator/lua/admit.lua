@@ -16,6 +16,15 @@
 -- ARGV[9] worker (JSON)  ARGV[10] now (JSON ISO time)  ARGV[11] max recoveries  ARGV[12] waiting/held score
 -- ARGV[13] dispatch retry score
 -- Returns {outcome, fencing token, window start (string), over the slot limit (0/1)}
+-- A fencing token is "<n>:<server time in microseconds>": n grows with every run, and the time part keeps a token
+-- unique even when a failover loses the last write and n goes back (a second run never gets the first one's token).
+local function next_token(key)
+  local n = tonumber(string.match(redis.call('GET', key) or '0', '^(%d+)')) or 0
+  local t = redis.call('TIME')
+  local token = (n + 1) .. ':' .. t[1] .. string.format('%06d', tonumber(t[2]))
+  redis.call('SET', key, token)
+  return token
+end
 local id = ARGV[1]
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {'unknown', 0, '0', 0} end
@@ -53,7 +62,7 @@ if outcome == 'started' then
   end
   redis.call('ZADD', KEYS[6], ARGV[5], id)
 end
-local fence = redis.call('INCR', KEYS[3])
+local fence = next_token(KEYS[3])
 redis.call('SET', KEYS[2], ARGV[2] .. '|' .. fence, 'PX', ARGV[3])
 redis.call('ZREM', KEYS[7], id)
 redis.call('ZREM', KEYS[8], id)

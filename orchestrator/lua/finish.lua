@@ -10,6 +10,15 @@
 -- ARGV[9..] record field, value pairs
 -- Returns 1 finished, 0 stale token, -1 a run holds the lease (an unfenced finish may not overrule it),
 -- 2 already final, 3 no record.
+-- A fencing token is "<n>:<server time in microseconds>": n grows with every run, and the time part keeps a token
+-- unique even when a failover loses the last write and n goes back (a second run never gets the first one's token).
+local function next_token(key)
+  local n = tonumber(string.match(redis.call('GET', key) or '0', '^(%d+)')) or 0
+  local t = redis.call('TIME')
+  local token = (n + 1) .. ':' .. t[1] .. string.format('%06d', tonumber(t[2]))
+  redis.call('SET', key, token)
+  return token
+end
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return 3 end
 if state ~= '"queued"' and state ~= '"running"' and state ~= '"held"' and state ~= '"recovering"' then return 2 end
@@ -19,7 +28,7 @@ elseif redis.call('EXISTS', KEYS[2]) == 1 then
   return -1
 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 9))
-redis.call('INCR', KEYS[3])
+next_token(KEYS[3])
 redis.call('SREM', KEYS[4], ARGV[2])
 for i = 5, 10 do redis.call('ZREM', KEYS[i], ARGV[2]) end
 redis.call('DEL', KEYS[2], KEYS[11])

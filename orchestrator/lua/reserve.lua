@@ -1,16 +1,18 @@
 -- reserve: set tokens aside for one model call, against the day's and the agent's headroom at once. In hard mode a
 -- call that cannot fit is refused (and the exhausted flags set); max_tokens comes back lowered to the headroom.
+-- The day's keys get their TTL when the day's first reservation of an agent creates them.
 -- KEYS[1] day used  KEYS[2] day reserved  KEYS[3] agent used  KEYS[4] agent reserved  KEYS[5] reservations (zset)
--- KEYS[6] this reservation (hash)  KEYS[7] day's agents (set)  KEYS[8] day exhausted flag
--- KEYS[9] agent exhausted flag
+-- KEYS[6] reservation data (hash)  KEYS[7] day's agents (set)  KEYS[8] day exhausted flag
+-- KEYS[9] agent exhausted flag  KEYS[10] day cost
 -- ARGV[1] reservation id  ARGV[2] input bound  ARGV[3] max output  ARGV[4] min output worth a call
 -- ARGV[5] daily limit  ARGV[6] agent limit  ARGV[7] '1' hard mode  ARGV[8] lease until  ARGV[9] agent id
 -- ARGV[10] day  ARGV[11] day keys' ttl
 -- Returns {1, max output granted, headroom} or {0, 0, headroom} when refused.
-local day_used = tonumber(redis.call('GET', KEYS[1]) or '0')
-local day_res = tonumber(redis.call('GET', KEYS[2]) or '0')
-local ag_used = tonumber(redis.call('GET', KEYS[3]) or '0')
-local ag_res = tonumber(redis.call('GET', KEYS[4]) or '0')
+local v = redis.call('MGET', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+local day_used = tonumber(v[1] or '0')
+local day_res = tonumber(v[2] or '0')
+local ag_used = tonumber(v[3] or '0')
+local ag_res = tonumber(v[4] or '0')
 local input_bound = tonumber(ARGV[2])
 local max_out = tonumber(ARGV[3])
 local min_out = tonumber(ARGV[4])
@@ -33,10 +35,13 @@ end
 local amount = input_bound + out
 redis.call('INCRBY', KEYS[2], amount)
 redis.call('INCRBY', KEYS[4], amount)
-redis.call('EXPIRE', KEYS[2], tonumber(ARGV[11]))
-redis.call('HSET', KEYS[6], 'amount', amount, 'day', ARGV[10], 'agent', ARGV[9])
-redis.call('EXPIRE', KEYS[6], tonumber(ARGV[11]))
+redis.call('HSET', KEYS[6], ARGV[1], amount .. '|' .. ARGV[10] .. '|' .. ARGV[9])
 redis.call('ZADD', KEYS[5], ARGV[8], ARGV[1])
-redis.call('SADD', KEYS[7], ARGV[9])
-redis.call('EXPIRE', KEYS[7], tonumber(ARGV[11]))
+if redis.call('SADD', KEYS[7], ARGV[9]) == 1 then
+  local ttl = tonumber(ARGV[11])
+  redis.call('EXPIRE', KEYS[7], ttl)
+  redis.call('EXPIRE', KEYS[2], ttl)
+  redis.call('SET', KEYS[1], '0', 'NX', 'EX', ttl)
+  redis.call('SET', KEYS[10], '0', 'NX', 'EX', ttl)
+end
 return {1, out, headroom}

@@ -354,12 +354,12 @@ def fleet_env(broker_url: str, workspace: Path, model_url: str | None, **setting
 
 
 class Worker(Proc):
-    """``celery -A orchestrator worker`` (prefork) serving the agents and ops queues."""
+    """``celery -A orchestrator worker`` (prefork unless ``pool`` says otherwise) serving the agents and ops queues."""
 
     def __init__(self, env: Mapping[str, str], name: str, concurrency: int = 2, queues: str = "agents,ops",
-                 log_path: Path | None = None) -> None:
+                 log_path: Path | None = None, pool: str = "prefork") -> None:
         self.name = name
-        argv = [sys.executable, "-m", "celery", "-A", "orchestrator", "worker", "-P", "prefork", "-c",
+        argv = [sys.executable, "-m", "celery", "-A", "orchestrator", "worker", "-P", pool, "-c",
                 str(concurrency), "-Q", queues, "-n", name, "--without-mingle", "--without-gossip",
                 "--loglevel", "INFO"]
         super().__init__(argv, env=env, log_path=log_path)
