@@ -20,6 +20,7 @@ from types import ModuleType
 from benchmarks import (
     bench_budget,
     bench_capacity,
+    bench_failover,
     bench_foundation,
     bench_health,
     bench_killswitch,
@@ -30,7 +31,7 @@ from benchmarks.harness import Benchmark, Harness, Outcome, print_table, termina
 
 #: Benchmark modules, in run order; each exposes ``BENCHMARKS: list[Benchmark]``. Add new modules here.
 MODULES: list[ModuleType] = [bench_foundation, bench_budget, bench_killswitch, bench_health, bench_traffic,
-                             bench_sandbox, bench_capacity]
+                             bench_sandbox, bench_capacity, bench_failover]
 
 
 def registry() -> list[Benchmark]:

@@ -36,6 +36,7 @@ import anthropic
 import httpx2
 import redis
 
+from orchestrator import scripts
 from orchestrator.errors import StopRun
 from orchestrator.keys import Keys
 from orchestrator.states import State
@@ -54,44 +55,6 @@ SPEND_LIMIT_ERRORS: tuple[type[Exception], ...] = (
     anthropic.LinkedOrganizationSpendLimitReachedError,
 )
 LIMIT_KINDS = ("requests", "input-tokens", "output-tokens", "tokens")
-
-_PAUSE = """
--- KEYS: rate-limit hash, probe claim. ARGV: until, status, reason, probe token, channel, model, hash ttl
-local cur = tonumber(redis.call('HGET', KEYS[1], 'until') or '0') or 0
-local new = tonumber(ARGV[1])
-if ARGV[4] ~= '' and redis.call('GET', KEYS[2]) == ARGV[4] then redis.call('DEL', KEYS[2]) end
-if new > cur then
-  redis.call('HSET', KEYS[1], 'until', ARGV[1], 'status', ARGV[2], 'reason', ARGV[3])
-  redis.call('EXPIRE', KEYS[1], ARGV[7])
-  redis.call('PUBLISH', ARGV[5], cjson.encode({pause = ARGV[6], ['until'] = new, status = tonumber(ARGV[2])}))
-  return ARGV[1]
-end
-return tostring(cur)
-"""
-
-_RESUME = """
--- KEYS: rate-limit hash, probe claim. ARGV: probe token, now, channel, model
-if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
-local cur = tonumber(redis.call('HGET', KEYS[1], 'until') or '0') or 0
-if cur > tonumber(ARGV[2]) then return 0 end
-redis.call('HDEL', KEYS[1], 'until', 'status', 'reason')
-redis.call('PUBLISH', ARGV[3], cjson.encode({resume = ARGV[4]}))
-return 1
-"""
-
-_CLAIM = """
--- KEYS: rate-limit hash, probe claim. ARGV: probe token, now, claim ttl (ms)
-local cur = tonumber(redis.call('HGET', KEYS[1], 'until') or '0') or 0
-if cur > tonumber(ARGV[2]) then return tostring(cur) end
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[3]) then return 'probe' end
-return 'busy'
-"""
-
-_RELEASE = """
--- KEYS: probe claim. ARGV: probe token
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 
 class Stop(Protocol):
@@ -293,10 +256,10 @@ class RateLimiter:
         self._shown: dict[str, Any] | None = None  # what the record's ``waiting`` field says now
         self._last_write = 0.0
         if r is not None:
-            self._pause = r.register_script(_PAUSE)
-            self._resume = r.register_script(_RESUME)
-            self._claim = r.register_script(_CLAIM)
-            self._release = r.register_script(_RELEASE)
+            self._pause = scripts.load(r, "ratelimit_pause")
+            self._resume = scripts.load(r, "ratelimit_resume")
+            self._claim = scripts.load(r, "ratelimit_claim")
+            self._release = scripts.load(r, "ratelimit_release")
 
     @property
     def hash_key(self) -> str:

@@ -166,6 +166,7 @@ class AgentRun:
         self.dispatch_score = 0.0  # set when the run hands the agent back: its message is sent after the run
         self.worktree: Worktree | None = None
         self.snapshot_key: str | None = None
+        self.fingerprint: str | None = None
         self.snapshot_warned = False
         self.last_progress = time.time()
         self.stuck_flagged = False
@@ -350,9 +351,16 @@ class AgentRun:
             self.snapshot_key = snapshot.key
 
     def _snapshot(self) -> Snapshot | None:
-        """The worktree's state for any host, or None when unchanged (or too big: then a warning, once)."""
+        """The worktree's state for any host, or None when unchanged (or too big: then a warning, once).
+
+        A turn whose tools changed no file at all (by the worktree's fingerprint) costs no git call.
+        """
         if self.worktree is None:
             return None
+        fingerprint = self.fleet.workspace.fingerprint(self.worktree)
+        if fingerprint == self.fingerprint and self.snapshot_key is not None:
+            return None
+        self.fingerprint = fingerprint
         try:
             return self.fleet.workspace.snapshot(self.worktree, self.agent_id, self.spec.base_branch,
                                                  previous=self.snapshot_key, max_bytes=self.s.snapshot_max_mb << 20)
@@ -376,6 +384,7 @@ class AgentRun:
     def _commit(self, wt: Worktree, note: str) -> str | None:
         self.fleet.lifecycle.save(self.agent_id, self.fence)  # still ours? (StaleFence otherwise)
         message = f"{self.spec.task_id}: agent {self.agent_id} ({note})\n\n{self.spec.prompt[:500]}"
+        self.fingerprint = None  # a commit moves the head: the next snapshot must look again
         return self.fleet.workspace.commit(wt, message, f"agent-{self.agent_id}",
                                            f"{self.agent_id}@agents.orchestrator", self.spec.base_branch)
 

@@ -37,6 +37,9 @@ ZERO_USAGE = {"input_tokens": 0, "output_tokens": 0, "cache_creation_input_token
               "total_tokens": 0, "cost_usd": 0.0}
 
 
+MAX_STATE_CONNECTIONS = 10_000
+
+
 def state_client(settings: Settings, *, retry_seconds: float | None = None, socket_connect_timeout: float = 5,
                  socket_timeout: float = 30) -> StateRedis:
     """A new client for fleet state: a single server, or the master a Sentinel group names.
@@ -51,6 +54,9 @@ def state_client(settings: Settings, *, retry_seconds: float | None = None, sock
         "socket_timeout": socket_timeout,
         "retry": Retry(ExponentialBackoff(cap=2.0, base=0.1), max(0, int(seconds / 2) + 3)),
         "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
+        # Every running agent holds one connection for its stop listener (pub/sub) besides the pooled ones: a
+        # threads-pool worker with 100 agents needs more than redis-py's default cap of 100.
+        "max_connections": MAX_STATE_CONNECTIONS,
     }
     url = settings.state_redis_url
     target = parse_sentinel_url(url)

@@ -284,15 +284,22 @@ class Workspace:
                         logger.warning("agent %s: the worktree's .git file was altered; restored it", agent_id)
                     return Worktree(path, branch, mirror)
                 shutil.rmtree(path)
-            self._mirror_git(mirror, "worktree", "prune")
-            has_branch = bool(self._mirror_git(mirror, "branch", "--list", branch).strip())
-            if has_branch:
-                self._mirror_git(mirror, "worktree", "add", "--quiet", str(path), branch)
+            if (mirror / "worktrees" / path.name).exists():  # a registration left by a removed worktree
+                self._mirror_git(mirror, "worktree", "prune")
+            base = f"refs/remotes/origin/{base_branch}"
+            found = set(self._mirror_git(mirror, "for-each-ref", "--format=%(refname)", f"refs/heads/{branch}",
+                                         base).split())
+            if f"refs/heads/{branch}" in found:
+                add = ["worktree", "add", "--quiet", str(path), branch]
+            elif base in found:
+                add = ["worktree", "add", "--quiet", "--no-track", "-b", branch, str(path), base]
             else:
-                base = f"refs/remotes/origin/{base_branch}"
-                if not self._mirror_git(mirror, "for-each-ref", base).strip():
-                    raise WorkspaceError(f"base branch {base_branch!r} does not exist in {redact_url(repo)}")
-                self._mirror_git(mirror, "worktree", "add", "--quiet", "--no-track", "-b", branch, str(path), base)
+                raise WorkspaceError(f"base branch {base_branch!r} does not exist in {redact_url(repo)}")
+            try:
+                self._mirror_git(mirror, *add)
+            except WorkspaceError:  # a stale registration under another name: prune it and try once more
+                self._mirror_git(mirror, "worktree", "prune")
+                self._mirror_git(mirror, *add)
         return Worktree(path, branch, mirror)
 
     def snapshot(self, wt: Worktree, agent_id: str, base_branch: str, previous: str | None = None,
@@ -335,6 +342,25 @@ class Workspace:
             with contextlib.suppress(FileNotFoundError):
                 bundle.unlink()
         return Snapshot(key=key, head=head, wip=wip, bundle=data)
+
+    @staticmethod
+    def fingerprint(wt: Worktree) -> str:
+        """A cheap digest of every file's metadata in the worktree (path, size, mtime, inode; ``.git`` excluded).
+
+        Equal fingerprints mean no file changed, so the last snapshot still holds (no git call at all); a changed
+        one only means :meth:`snapshot` must look (ignored files count here, and git may still find no change).
+        """
+        digest = hashlib.blake2b(digest_size=16)
+        for dirpath, dirs, files in os.walk(wt.path):
+            if dirpath == str(wt.path):
+                dirs[:] = [d for d in dirs if d != ".git"]
+            dirs.sort()
+            for name in sorted(files):
+                full = os.path.join(dirpath, name)
+                with contextlib.suppress(OSError):
+                    st = os.lstat(full)
+                    digest.update(f"{full}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0{st.st_mode}\n".encode())
+        return digest.hexdigest()
 
     def _restore_locked(self, agent_id: str, mirror: Path, path: Path, base_branch: str, branch: str,
                         data: bytes) -> Worktree:

@@ -159,3 +159,12 @@ def test_a_sentinel_state_url_is_checked_too() -> None:
     with pytest.raises(ValidationError) as info:
         urls("redis://h:6379/0", state_url="sentinel://s1;")
     assert "ORCHESTRATOR_STATE_URL" in format_validation_error(info.value)
+
+
+def test_the_state_client_pool_holds_a_hundred_agents_listeners() -> None:
+    from orchestrator.store import state_client
+
+    # Each running agent keeps a pub/sub connection open: redis-py's default cap (100) failed the 100th agent of a
+    # threads-pool worker with MaxConnectionsError.
+    client = state_client(Settings(_env_file=None))  # type: ignore[call-arg]
+    assert client.connection_pool.max_connections >= 1000
