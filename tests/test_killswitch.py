@@ -48,7 +48,11 @@ def test_drill_stops_every_agent_at_once_and_keeps_their_work(cluster: Cluster, 
     started = time.monotonic()
     proc = celery_control(cluster, "killswitch", "drill")
     assert proc.returncode == 0, proc.stderr
-    results = [p.get(timeout=30) for p in pending]
+    try:
+        results = [p.get(timeout=30) for p in pending]
+    except Exception as exc:  # say whether the fleet stored the results and only the coordinator missed them
+        stored = [cluster.coordinator.backend.get_task_meta(p.id).get("status") for p in pending]
+        raise AssertionError(f"{exc!r}; results stored in the backend: {stored}") from exc
     elapsed = time.monotonic() - started
     assert [r["status"] for r in results] == ["killed"] * 6, results
     assert elapsed < 10
