@@ -158,6 +158,7 @@ def bench_checkpoint(h: Harness) -> list[Row]:
         plain: list[float] = []
         changed: list[float] = []
         unchanged: list[float] = []
+        fingerprints: list[float] = []
         sizes: list[int] = []
         previous: str | None = None
         for i in range(runs):
@@ -175,11 +176,17 @@ def bench_checkpoint(h: Harness) -> list[Row]:
             t0 = time.perf_counter()
             assert ws.snapshot(wt, "cp-agent", "main", previous=previous) is None  # nothing changed since
             unchanged.append(time.perf_counter() - t0)
+            before = ws.fingerprint(wt)
+            t0 = time.perf_counter()
+            assert ws.fingerprint(wt) == before  # what a turn whose tools changed no file pays: no git at all
+            fingerprints.append(time.perf_counter() - t0)
     note = f"bundle {median([float(x) for x in sizes]) / 1024:.1f} KiB (50 files, 1 agent commit)"
     return [
         Row(NAME, "checkpoint after tools that changed files: snapshot + save", median(changed) * 1000, "ms",
             "transcript-only save", median(plain) * 1000, note=note),
-        Row(NAME, "checkpoint after tools that changed nothing: snapshot check", median(unchanged) * 1000, "ms",
+        Row(NAME, "checkpoint after tools that changed no file: fingerprint", median(fingerprints) * 1000, "ms",
+            "transcript-only save", median(plain) * 1000, note="what such a turn pays: a stat walk, no git"),
+        Row(NAME, "  git check when only ignored files changed", median(unchanged) * 1000, "ms",
             "transcript-only save", median(plain) * 1000, note="temporary index + write-tree; no bundle, no write"),
     ]
 

@@ -573,7 +573,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 BENCHMARKS = [
-    Benchmark("operator path", "wall time of orchestrator agents / killswitch status / celery control killswitch",
+    Benchmark("operator", "wall time of orchestrator agents / killswitch status / celery control killswitch",
               bench_operator),
     Benchmark("killswitch", "engage -> every agent killed (2, 10, 20 agents) vs Celery revoke(terminate=True)",
               bench_killswitch),
