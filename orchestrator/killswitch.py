@@ -17,7 +17,7 @@ import redis
 
 from orchestrator import scripts
 from orchestrator.keys import Keys
-from orchestrator.lifecycle import _now_iso
+from orchestrator.lifecycle import now_iso
 from orchestrator.states import State
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ class Killswitch:
 
         Engaging twice keeps the first reason and time; the stop is broadcast again either way.
         """
-        now = _now_iso()
+        now = now_iso()
         first = bool(self._engage(keys=[self.keys.killswitch, self.keys.killswitch_stops],
                                   args=[reason, now, by, time.time()]))
         self.publish_stop("*", f"killswitch: {reason}")
@@ -65,7 +65,7 @@ class Killswitch:
 
     def mark_released(self, by: str) -> None:
         """Let new work run again (held agents stay held until resumed)."""
-        self.r.hset(self.keys.killswitch, mapping={"engaged": "0", "released_at": _now_iso(), "by": by})
+        self.r.hset(self.keys.killswitch, mapping={"engaged": "0", "released_at": now_iso(), "by": by})
 
     def status(self) -> dict[str, Any]:
         """``killswitch status --json`` (CONTRACT section 4), plus how many stopped and the slowest stop."""
@@ -129,7 +129,7 @@ def release(fleet: Fleet, by: str, resume: bool) -> dict[str, Any]:
                 fleet.dispatch(agent_id, score)
                 resumed += 1
     stats = switch.status()
-    switch._audit({"event": "release", "by": by, "at": _now_iso(), "resumed": resumed,
+    switch._audit({"event": "release", "by": by, "at": now_iso(), "resumed": resumed,
                    "stopped": stats["stopped"], "slowest_stop_seconds": stats["slowest_stop_seconds"]})
     return {**stats, "resumed": resumed}
 

@@ -57,7 +57,8 @@ TRANSITIONS: dict[str, tuple[frozenset[State], frozenset[State]]] = {
 }
 
 
-def _now_iso() -> str:
+def now_iso() -> str:
+    """The current time as ISO 8601 (UTC)."""
     return datetime.now(UTC).isoformat()
 
 
@@ -74,7 +75,7 @@ def _pairs(fields: Mapping[str, Any]) -> list[str]:
 
 def event_json(kind: str, message: str) -> str:
     """One event as stored in an agent's event list."""
-    return _js({"at": _now_iso(), "kind": kind, "message": message})
+    return _js({"at": now_iso(), "kind": kind, "message": message})
 
 
 def _str(value: Any) -> str:
@@ -171,7 +172,7 @@ class Lifecycle:
             keys=[k.agent(agent_id), k.lease(agent_id), k.fence(agent_id), k.killswitch, k.stop_request(agent_id),
                   k.slots, k.waiting, k.held, k.dispatch, k.heartbeats, k.deadlines],
             args=[agent_id, holder, int(p.lease_seconds * 1000), repr(now), now + p.slot_lease_seconds,
-                  p.slot_limit, "0" if p.hard else "1", duration_seconds, _js(worker), _js(_now_iso()),
+                  p.slot_limit, "0" if p.hard else "1", duration_seconds, _js(worker), _js(now_iso()),
                   p.max_recoveries, waiting_score(priority, now), repr(now + DISPATCH_GRACE_SECONDS)]))
         replicated(self.r, "admission (lease and fencing token)")
         token = _str(out[1])

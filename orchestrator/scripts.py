@@ -7,6 +7,7 @@ them with EVALSHA and reloads one that the server lost (a restart, a promoted re
 
 from __future__ import annotations
 
+import re
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,14 @@ from redis.commands.core import Script
 LUA_DIR = Path(__file__).parent / "lua"
 
 
+_INCLUDE = re.compile(r"^--#include (\w+)$", re.M)
+
+
 @cache
 def source(name: str) -> str:
-    """The text of ``lua/<name>.lua``."""
-    return (LUA_DIR / f"{name}.lua").read_text(encoding="utf-8")
+    """The text of ``lua/<name>.lua``, with each ``--#include x`` line replaced by ``lua/_x.lua``."""
+    text = (LUA_DIR / f"{name}.lua").read_text(encoding="utf-8")
+    return _INCLUDE.sub(lambda m: (LUA_DIR / f"_{m.group(1)}.lua").read_text(encoding="utf-8").rstrip("\n"), text)
 
 
 def load(r: redis.Redis, name: str) -> Script:

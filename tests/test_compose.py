@@ -527,3 +527,22 @@ def test_docker_compose_config_accepts_the_file(tmp_path: Path) -> None:
         del given[missing]
         refused = run_compose_config(tmp_path, **given)
         assert refused.returncode != 0 and missing in refused.stderr, f"{missing} must be required"
+
+
+def test_the_installed_package_carries_its_lua_scripts(tmp_path: Path) -> None:
+    """The Docker image installs a wheel (not the source tree): the scripts must be in it."""
+    import sys
+    import zipfile
+
+    src = tmp_path / "src"  # the tracked files only, as the image gets them: no local build/ to hide a gap
+    src.mkdir()
+    files = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z"], check=True, capture_output=True,
+                           text=True).stdout.split("\0")
+    for name in filter(None, files):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, src / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(src), "-w", str(tmp_path)],
+                   check=True, capture_output=True, timeout=300)
+    wheel = next(tmp_path.glob("*.whl"))
+    shipped = {Path(n).name for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".lua")}
+    assert shipped == {p.name for p in (ROOT / "orchestrator" / "lua").glob("*.lua")}

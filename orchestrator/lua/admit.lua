@@ -16,15 +16,7 @@
 -- ARGV[9] worker (JSON)  ARGV[10] now (JSON ISO time)  ARGV[11] max recoveries  ARGV[12] waiting/held score
 -- ARGV[13] dispatch retry score
 -- Returns {outcome, fencing token, window start (string), over the slot limit (0/1)}
--- A fencing token is "<n>:<server time in microseconds>": n grows with every run, and the time part keeps a token
--- unique even when a failover loses the last write and n goes back (a second run never gets the first one's token).
-local function next_token(key)
-  local n = tonumber(string.match(redis.call('GET', key) or '0', '^(%d+)')) or 0
-  local t = redis.call('TIME')
-  local token = (n + 1) .. ':' .. t[1] .. string.format('%06d', tonumber(t[2]))
-  redis.call('SET', key, token)
-  return token
-end
+--#include fence
 local id = ARGV[1]
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {'unknown', 0, '0', 0} end

@@ -10,15 +10,7 @@
 -- ARGV[9..] record field, value pairs
 -- Returns 1 finished, 0 stale token, -1 a run holds the lease (an unfenced finish may not overrule it),
 -- 2 already final, 3 no record.
--- A fencing token is "<n>:<server time in microseconds>": n grows with every run, and the time part keeps a token
--- unique even when a failover loses the last write and n goes back (a second run never gets the first one's token).
-local function next_token(key)
-  local n = tonumber(string.match(redis.call('GET', key) or '0', '^(%d+)')) or 0
-  local t = redis.call('TIME')
-  local token = (n + 1) .. ':' .. t[1] .. string.format('%06d', tonumber(t[2]))
-  redis.call('SET', key, token)
-  return token
-end
+--#include fence
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return 3 end
 if state ~= '"queued"' and state ~= '"running"' and state ~= '"held"' and state ~= '"recovering"' then return 2 end

@@ -5,15 +5,7 @@
 -- KEYS[7] dispatch  KEYS[8] events
 -- ARGV[1] fencing token  ARGV[2] holder  ARGV[3] agent id  ARGV[4] dispatch score  ARGV[5] event JSON
 -- Returns 1, or 0 when the token is stale (or the agent is not running).
--- A fencing token is "<n>:<server time in microseconds>": n grows with every run, and the time part keeps a token
--- unique even when a failover loses the last write and n goes back (a second run never gets the first one's token).
-local function next_token(key)
-  local n = tonumber(string.match(redis.call('GET', key) or '0', '^(%d+)')) or 0
-  local t = redis.call('TIME')
-  local token = (n + 1) .. ':' .. t[1] .. string.format('%06d', tonumber(t[2]))
-  redis.call('SET', key, token)
-  return token
-end
+--#include fence
 if redis.call('GET', KEYS[3]) ~= ARGV[1] or redis.call('HGET', KEYS[1], 'state') ~= '"running"' then return 0 end
 next_token(KEYS[3])
 if redis.call('GET', KEYS[2]) == ARGV[2] .. '|' .. ARGV[1] then redis.call('DEL', KEYS[2]) end

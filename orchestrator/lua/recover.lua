@@ -5,15 +5,7 @@
 -- ARGV[1] agent id  ARGV[2] stale before (epoch s)  ARGV[3] dispatch score  ARGV[4] event JSON
 -- Returns {1, recoveries} recovered; {0} not running, not stale or already claimed; {-1, ms} its lease is still
 -- live (the heartbeat is rescheduled to the moment the lease runs out).
--- A fencing token is "<n>:<server time in microseconds>": n grows with every run, and the time part keeps a token
--- unique even when a failover loses the last write and n goes back (a second run never gets the first one's token).
-local function next_token(key)
-  local n = tonumber(string.match(redis.call('GET', key) or '0', '^(%d+)')) or 0
-  local t = redis.call('TIME')
-  local token = (n + 1) .. ':' .. t[1] .. string.format('%06d', tonumber(t[2]))
-  redis.call('SET', key, token)
-  return token
-end
+--#include fence
 local id = ARGV[1]
 local state = redis.call('HGET', KEYS[1], 'state')
 local hb = redis.call('ZSCORE', KEYS[4], id)
