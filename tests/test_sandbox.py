@@ -611,12 +611,23 @@ def nobody_worktree() -> Iterator[Path]:
 def test_as_an_unprivileged_user(nobody_worktree: Path) -> None:
     if os.geteuid() != 0 or not shutil.which("setpriv") or not os.path.exists("/usr/bin/python3"):
         pytest.skip("needs root, setpriv and a system python3 to switch to uid 65534")
-    proc = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", _UNPRIVILEGED,
-         str(REPO_ROOT), str(nobody_worktree)],
-        env={"PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1", "HOME": "/nonexistent"},
-        cwd=nobody_worktree, capture_output=True, text=True, timeout=180, check=False,
-    )
+    # A copy of the package that uid 65534 can read wherever the checkout lives (a fresh clone may sit in a 0700
+    # directory).
+    readable = Path(tempfile.mkdtemp(prefix="sandbox-nobody-src-", dir="/tmp"))
+    readable.chmod(0o755)
+    shutil.copytree(REPO_ROOT / "orchestrator", readable / "orchestrator",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for path in [readable, *readable.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    try:
+        proc = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", _UNPRIVILEGED,
+             str(readable), str(nobody_worktree)],
+            env={"PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1", "HOME": "/nonexistent"},
+            cwd=nobody_worktree, capture_output=True, text=True, timeout=180, check=False,
+        )
+    finally:
+        shutil.rmtree(readable, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
     assert report["uid"] == 65534 and report["backend"] == "rlimit"
