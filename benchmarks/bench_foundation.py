@@ -12,6 +12,7 @@ Each compares the fleet with a baseline measured in the same run:
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from benchmarks.harness import Benchmark, Harness, ModelServer, Row, median, per
 from orchestrator.agent.loop import AgentLoop, Checkpoint, LoopConfig, StopSignal
 from orchestrator.agent.model import ModelClient
 from orchestrator.agent.tools import TOOL_DEFINITIONS, Toolbox
-from orchestrator.budget import AgentLedger, Budget
+from orchestrator.budget import AgentLedger, Budget, Progress
 from orchestrator.keys import Keys
 from orchestrator.lifecycle import AdmitParams, Lifecycle
 from orchestrator.models import Usage
@@ -300,11 +301,13 @@ class _NoReservation:
 class NoopLedger:
     """A ledger that reserves and settles nothing (``orchestrator.agent.loop.Ledger``)."""
 
-    def reserve(self, input_bound: int, max_output: int) -> _NoReservation:
+    carries_checkpoints = False
+
+    def reserve(self, input_bound: int, max_output: int, checkpoint: Checkpoint | None = None) -> _NoReservation:
         """Grant the whole output limit."""
         return _NoReservation(max_output)
 
-    def settle(self, reservation: Any, usage: Usage) -> None:
+    def settle(self, reservation: Any, usage: Usage, checkpoint: Checkpoint | None = None) -> None:
         """Nothing to settle."""
 
 
@@ -331,13 +334,18 @@ class Books:
         finally:
             self.seconds += time.perf_counter() - start
 
-    def reserve(self, input_bound: int, max_output: int) -> Any:
-        """The wrapped ledger's reserve."""
-        return self._timed(self._ledger.reserve, input_bound, max_output)
+    @property
+    def carries_checkpoints(self) -> bool:
+        """Whether the wrapped ledger writes checkpoints with its reservations and settlements."""
+        return bool(self._ledger.carries_checkpoints)
 
-    def settle(self, reservation: Any, usage: Usage) -> None:
+    def reserve(self, input_bound: int, max_output: int, checkpoint: Checkpoint | None = None) -> Any:
+        """The wrapped ledger's reserve."""
+        return self._timed(self._ledger.reserve, input_bound, max_output, checkpoint)
+
+    def settle(self, reservation: Any, usage: Usage, checkpoint: Checkpoint | None = None) -> None:
         """The wrapped ledger's settle."""
-        self._timed(self._ledger.settle, reservation, usage)
+        self._timed(self._ledger.settle, reservation, usage, checkpoint)
 
     def on_checkpoint(self, cp: Checkpoint) -> None:
         """The checkpoint hook."""
@@ -399,27 +407,38 @@ def bench_loop(h: Harness) -> list[Row]:
     def noop(agent_id: str) -> Books:
         return Books(NoopLedger())
 
-    def ledger_and_checkpoint(agent_id: str) -> Books:
+    def separate_writes(agent_id: str) -> Books:
+        """The first generation's way: each reservation, settlement and checkpoint a script of its own, and every
+        checkpoint also writing the record's progress fields."""
         fence = running(agent_id)  # the runner holds a lease; its checkpoint writes are fenced
         ledger = AgentLedger(budget, agent_id, settings.agent_token_limit, DEFAULT_MODEL, lambda message: None)
 
         def checkpoint(cp: Checkpoint) -> None:
-            life.save(agent_id, fence, cp.to_json())
+            life.save(agent_id, fence, cp.to_json(), turns=cp.turns, usage=cp.usage.model_dump(),
+                      last_tool=cp.last_tool)
 
         return Books(ledger, checkpoint)
 
     def as_runner(agent_id: str) -> Books:
+        """AgentRun's way: the ledger carries the checkpoints (one script per reservation + checkpoint after tools,
+        one per settlement + checkpoint after the reply)."""
         fence = running(agent_id)
-        ledger = AgentLedger(budget, agent_id, settings.agent_token_limit, DEFAULT_MODEL, lambda message: None)
 
-        def checkpoint(cp: Checkpoint) -> None:  # AgentRun._save_checkpoint
+        def carry(cp: Checkpoint) -> Progress:  # AgentRun._progress_to_carry, without a worktree snapshot
+            return Progress(keys.fence(agent_id), fence, keys.checkpoint(agent_id), json.dumps(cp.to_json()),
+                            keys.snapshot(agent_id))
+
+        ledger = AgentLedger(budget, agent_id, settings.agent_token_limit, DEFAULT_MODEL, lambda message: None,
+                             persist=carry)
+
+        def checkpoint(cp: Checkpoint) -> None:  # AgentRun._save_checkpoint, for the saves nothing carries
             life.save(agent_id, fence, cp.to_json(), turns=cp.turns, usage=cp.usage.model_dump(),
                       last_tool=cp.last_tool)
 
         return Books(ledger, checkpoint)
 
     variants: dict[str, Callable[[str], Books]] = {
-        "no-op": noop, "ledger+checkpoint": ledger_and_checkpoint, "as runner": as_runner}
+        "no-op": noop, "separate writes": separate_writes, "as runner": as_runner}
     runs: dict[str, list[LoopRun]] = {label: [] for label in variants}
     trips: dict[str, list[tuple[int, float]]] = {label: [] for label in variants}  # per run: (commands, seconds)
     prompt = f"[[script:{script}]] Run the commands."
@@ -460,17 +479,18 @@ def bench_loop(h: Harness) -> list[Row]:
     noop_rates = [x.turns / x.seconds for x in runs["no-op"]]
     turn_ms = 1000 / rate("no-op")
     return [
-        Row(name, "AgentLedger + save_checkpoint (Valkey)", rate("ledger+checkpoint"), "turns/s", baseline,
+        Row(name, "AgentLedger carrying checkpoints, as AgentRun", rate("as runner"), "turns/s", baseline,
             rate("no-op"), f"{n + 1} turns/run; no-op {spread(noop_rates)}"),
-        Row(name, "  + record updates, as AgentRun does", rate("as runner"), "turns/s", baseline, rate("no-op")),
-        Row(name, "  time in ledger + checkpoint, per turn", books_ms("ledger+checkpoint"), "ms",
+        Row(name, "  separate ledger + checkpoint scripts (before)", rate("separate writes"), "turns/s", baseline,
+            rate("no-op")),
+        Row(name, "  time in ledger + checkpoints, per turn", books_ms("as runner"), "ms",
             "a no-op loop turn", turn_ms, "timed inside the calls; ratio = share of a turn"),
-        Row(name, "  time in ledger + checkpoint + records", books_ms("as runner"), "ms", "a no-op loop turn",
+        Row(name, "  the same, separate scripts (before)", books_ms("separate writes"), "ms", "a no-op loop turn",
             turn_ms, "timed inside the calls; ratio = share of a turn"),
-        Row(name, "  Valkey round trip inside the loop", trip_us("ledger+checkpoint"), "us",
+        Row(name, "  Valkey round trip inside the loop", trip_us("as runner"), "us",
             "the same GET in a tight loop", idle_us,
-            f"{per_turn_trips('ledger+checkpoint'):.1f} round trips/turn, "
-            f"{per_turn_trips('as runner'):.1f} as AgentRun does"),
+            f"{per_turn_trips('as runner'):.1f} round trips/turn "
+            f"({per_turn_trips('separate writes'):.1f} with separate scripts)"),
         Row(name, "bash tool call: Toolbox.run('true')", median(toolbox_ms), "ms",
             "subprocess.run(['bash','-c','true'])", median(subprocess_ms),
             f"median of {len(toolbox_ms)}; {slow:.0%} of Toolbox calls took over 2x the baseline"),

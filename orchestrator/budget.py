@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo
 import redis
 
 from orchestrator import scripts
-from orchestrator.errors import StopRun
+from orchestrator.errors import StaleFence, StopRun
 from orchestrator.keys import DAY_ARCHIVE_TTL_SECONDS, Keys
 from orchestrator.pricing import cost_micro_usd
 from orchestrator.replication import replicated
@@ -34,15 +34,59 @@ MIN_CALL_OUTPUT_TOKENS = 16  # a call that cannot get this many output tokens is
 DAY_KEY_TTL_SECONDS = 3 * 24 * 3600
 
 
+def _str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 @dataclass(frozen=True)
 class TokenReservation:
-    """Tokens set aside for one model call (its day and agent name the ledger keys it settles against)."""
+    """Tokens set aside for one model call. ``id`` is its member in the reservations zset, "uuid|amount|day|agent":
+    it names the day and agent it settles against."""
 
     id: str
     max_tokens: int
     amount: int
     day: str = ""
     agent_id: str = ""
+
+    @classmethod
+    def parse(cls, member: str) -> TokenReservation | None:
+        """A reservation from its zset member (None for a member of another shape)."""
+        parts = member.split("|", 3)
+        if len(parts) != 4 or not parts[1].isdigit():
+            return None
+        return cls(member, 0, int(parts[1]), parts[2], parts[3])
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A run's fenced progress, written in the same step as a reservation or a settlement (no round trip of its
+    own): the checkpoint JSON and, when the worktree changed, its snapshot."""
+
+    fence_key: str
+    fence: str
+    checkpoint_key: str
+    checkpoint: str
+    snapshot_key: str
+    snapshot: str = ""
+    on_saved: Callable[[], None] | None = None
+
+    def keys(self) -> list[str]:
+        """fence, checkpoint and snapshot keys, as the scripts take them."""
+        return [self.fence_key, self.checkpoint_key, self.snapshot_key]
+
+    def args(self) -> list[str]:
+        """token, checkpoint and snapshot, as the scripts take them."""
+        return [self.fence, self.checkpoint, self.snapshot]
+
+
+_NO_PROGRESS_ARGS = ["", "", ""]
+
+
+def ledger_fields(raw: str | None, n: int) -> list[int]:
+    """The integers of a ledger string ("used|reserved[|cost]"), padded with zeros to ``n``."""
+    out = [int(part) for part in (raw or "").split("|") if part]
+    return out + [0] * (n - len(out))
 
 
 def status_for(used: int, limit: int, warning_percent: int, min_left: int = 0, exhausted: bool = False) -> str:
@@ -86,49 +130,67 @@ class Budget:
         return datetime.fromtimestamp(moment, ZoneInfo(self.s.timezone)).date().isoformat()
 
     # -- tokens ---------------------------------------------------------------------------------------
-    def reserve(self, agent_id: str, agent_limit: int, input_bound: int, max_output: int) -> TokenReservation | None:
-        """Reserve for one call; None when it cannot fit (hard mode). ``max_tokens`` may come back lowered."""
+    def reserve(self, agent_id: str, agent_limit: int, input_bound: int, max_output: int, *,
+                progress: Progress | None = None, registered: str | None = None) -> TokenReservation | None:
+        """Reserve for one call; None when it cannot fit (hard mode). ``max_tokens`` may come back lowered.
+
+        ``progress`` is written first, in the same step, whether or not the call fits (StaleFence, and nothing
+        written, when its token is stale). ``registered``: the day the caller last added the agent to the day's agents
+        (a reservation on any other day adds it).
+        """
         day = self.day()
-        res_id = uuid.uuid4().hex
         k = self.keys
-        ok, out, _headroom = cast(list[int], self._reserve(
-            keys=[k.daily_used(day), k.daily_reserved(day), k.agent_used(agent_id), k.agent_reserved(agent_id),
-                  k.reservations, k.reservation_data, k.day_agents(day), k.day_exhausted(day),
-                  k.agent_exhausted(agent_id), k.day_cost(day)],
-            args=[res_id, input_bound, max_output, MIN_CALL_OUTPUT_TOKENS, self.s.daily_token_limit, agent_limit,
-                  "1" if self.hard else "0", self.clock() + self.s.reservation_lease_seconds, agent_id, day,
-                  DAY_KEY_TTL_SECONDS],
+        out = cast(list[Any], self._reserve(
+            keys=[k.day_ledger(day), k.agent_ledger(agent_id), k.reservations, k.day_agents(day), k.day_exhausted(day),
+                  k.agent_exhausted(agent_id), *(progress.keys() if progress else self._no_progress_keys(agent_id))],
+            args=[uuid.uuid4().hex, input_bound, max_output, MIN_CALL_OUTPUT_TOKENS, self.s.daily_token_limit,
+                  agent_limit, "1" if self.hard else "0", self.clock() + self.s.reservation_lease_seconds, agent_id,
+                  day, DAY_KEY_TTL_SECONDS, "0" if registered == day else "1",
+                  *(progress.args() if progress else _NO_PROGRESS_ARGS)],
         ))
+        ok = int(out[0])
+        if ok < 0:
+            raise StaleFence(f"agent {agent_id}: fencing token {progress.fence if progress else ''} is stale")
+        if progress is not None and progress.on_saved is not None:
+            progress.on_saved()
         replicated(self.r, "token reservation")
         if not ok:
             return None
-        return TokenReservation(res_id, int(out), input_bound + int(out), day, agent_id)
+        granted = int(out[1])
+        return TokenReservation(_str(out[3]), granted, input_bound + granted, day, agent_id)
+
+    def _no_progress_keys(self, agent_id: str) -> list[str]:
+        k = self.keys
+        return [k.fence(agent_id), k.checkpoint(agent_id), k.snapshot(agent_id)]
 
     def settle(self, reservation: TokenReservation | str, usage: Usage, cost_micro: int) -> bool:
         """Replace a reservation by real usage; False if it was already settled or released."""
         return self.settle_totals(reservation, usage.total_tokens, cost_micro) is not None
 
-    def settle_totals(self, reservation: TokenReservation | str, tokens: int,
-                      cost_micro: int) -> tuple[int, int] | None:
-        """Settle, returning the agent's and the day's used tokens after it (None if already settled)."""
-        res = reservation if isinstance(reservation, TokenReservation) else self._lookup(reservation)
+    def settle_totals(self, reservation: TokenReservation | str, tokens: int, cost_micro: int, *,
+                      progress: Progress | None = None) -> tuple[int, int] | None:
+        """Settle, returning the agent's and the day's used tokens after it (None if already settled).
+
+        ``progress`` is written in the same step when its token is still the newest; the tokens are charged either
+        way (they were spent), then StaleFence is raised for a stale token.
+        """
+        res = reservation if isinstance(reservation, TokenReservation) else TokenReservation.parse(reservation)
         if res is None:
             return None
         k = self.keys
         out = cast(list[int], self._settle(
-            keys=[k.reservations, k.reservation_data, k.daily_reserved(res.day), k.agent_reserved(res.agent_id),
-                  k.daily_used(res.day), k.agent_used(res.agent_id), k.day_cost(res.day)],
-            args=[res.id, tokens, cost_micro],
+            keys=[k.reservations, k.day_ledger(res.day), k.agent_ledger(res.agent_id),
+                  *(progress.keys() if progress else self._no_progress_keys(res.agent_id))],
+            args=[res.id, tokens, cost_micro, *(progress.args() if progress else _NO_PROGRESS_ARGS),
+                  DAY_KEY_TTL_SECONDS],
         ))
         replicated(self.r, "token settlement")
+        if progress is not None:
+            if not int(out[3]):
+                raise StaleFence(f"agent {res.agent_id}: fencing token {progress.fence} is stale")
+            if progress.on_saved is not None:
+                progress.on_saved()
         return (int(out[1]), int(out[2])) if out[0] else None
-
-    def _lookup(self, reservation_id: str) -> TokenReservation | None:
-        data = cast(str | None, self.r.hget(self.keys.reservation_data, reservation_id))
-        if not data:
-            return None
-        amount, day, agent = data.split("|", 2)
-        return TokenReservation(reservation_id, 0, int(amount), day, agent)
 
     def release(self, reservation: TokenReservation | str) -> bool:
         """Drop a reservation without charging it."""
@@ -142,19 +204,29 @@ class Budget:
     def expire_reservations(self, limit: int = 1000) -> int:
         """Release reservations whose lease ran out (their worker died); returns how many."""
         stale = cast(list[str], self.r.zrangebyscore(self.keys.reservations, "-inf", self.clock(), 0, limit))
-        return sum(1 for res_id in stale if self.release(res_id))
+        released = 0
+        for member in stale:
+            if TokenReservation.parse(member) is None:  # not ours to parse: drop it, it can never settle
+                self.r.zrem(self.keys.reservations, member)
+            elif self.release(member):
+                released += 1
+        return released
+
+    def agent_totals(self, agent_id: str) -> tuple[int, int]:
+        """(used, reserved) tokens of one agent."""
+        used, reserved = ledger_fields(cast(str | None, self.r.get(self.keys.agent_ledger(agent_id))), 2)[:2]
+        return used, reserved
 
     def agent_used(self, agent_id: str) -> int:
         """Tokens settled by one agent."""
-        return int(cast(str | None, self.r.get(self.keys.agent_used(agent_id))) or 0)
+        return self.agent_totals(agent_id)[0]
 
     def day_totals(self, day: str | None = None) -> dict[str, int]:
         """Used, reserved and cost (micro-dollars) of a day."""
         d = day or self.day()
-        used, reserved, cost, exhausted = cast(list[str | None], self.r.mget(
-            self.keys.daily_used(d), self.keys.daily_reserved(d), self.keys.day_cost(d), self.keys.day_exhausted(d)))
-        return {"used": int(used or 0), "reserved": int(reserved or 0), "cost_micro": int(cost or 0),
-                "exhausted": int(exhausted or 0)}
+        ledger, exhausted = cast(list[str | None], self.r.mget(self.keys.day_ledger(d), self.keys.day_exhausted(d)))
+        used, reserved, cost = ledger_fields(ledger, 3)[:3]
+        return {"used": used, "reserved": reserved, "cost_micro": cost, "exhausted": int(exhausted or 0)}
 
     # -- concurrency slots (taken and given back by orchestrator.lifecycle) -------------------------------
     def running(self) -> int:
@@ -204,41 +276,60 @@ class Budget:
 
 
 class AgentLedger:
-    """The ledger as one agent's loop sees it (``orchestrator.agent.loop.Ledger``)."""
+    """The ledger as one agent's loop sees it (``orchestrator.agent.loop.Ledger``).
+
+    With ``persist`` (checkpoint -> fenced ``Progress``) it carries the loop's checkpoints: a checkpoint handed to
+    ``reserve`` or ``settle`` is written in the same script as the reservation or settlement.
+    """
 
     def __init__(self, budget: Budget, agent_id: str, agent_limit: int, model: str,
-                 on_warning: Callable[[str], None], guard: Callable[[], None] | None = None) -> None:
+                 on_warning: Callable[[str], None], guard: Callable[[], None] | None = None,
+                 persist: Callable[[Any], Progress] | None = None) -> None:
         self.budget = budget
         self.guard = guard
         self.agent_id = agent_id
         self.agent_limit = agent_limit
         self.model = model
         self.on_warning = on_warning
+        self.persist = persist
         self.open: TokenReservation | None = None
         self._warned: set[str] = set()
+        self._registered: str | None = None  # the day this run last added the agent to the day's agents
 
-    def reserve(self, input_bound: int, max_output: int) -> TokenReservation:
-        """Reserve for the next call or stop the run with ``budget_exceeded`` (hard mode).
+    @property
+    def carries_checkpoints(self) -> bool:
+        """Whether ``reserve`` and ``settle`` write the checkpoint they are given."""
+        return self.persist is not None
+
+    def _progress(self, checkpoint: Any) -> Progress | None:
+        return self.persist(checkpoint) if checkpoint is not None and self.persist is not None else None
+
+    def reserve(self, input_bound: int, max_output: int, checkpoint: Any = None) -> TokenReservation:
+        """Reserve for the next call (writing ``checkpoint`` first, in the same step) or stop the run with
+        ``budget_exceeded`` (hard mode).
 
         If the ledger cannot be reached (after the client's retries) no call is made: the run fails closed.
         """
         if self.guard is not None:
             self.guard()
         try:
-            res = self.budget.reserve(self.agent_id, self.agent_limit, input_bound, max_output)
+            res = self.budget.reserve(self.agent_id, self.agent_limit, input_bound, max_output,
+                                      progress=self._progress(checkpoint), registered=self._registered)
         except redis.RedisError as exc:
             raise StopRun(State.FAILED, f"budget ledger unreachable, no model call made (fail closed): {exc}") from None
         if res is None:
             raise StopRun(State.BUDGET_EXCEEDED, "token budget exhausted: not enough left for another call "
                           f"(agent limit {self.agent_limit}, daily limit {self.budget.s.daily_token_limit})")
+        self._registered = res.day
         self.open = res
         return res
 
-    def settle(self, reservation: Any, usage: Usage) -> None:
-        """Charge the call's real usage and warn once per threshold crossed."""
+    def settle(self, reservation: Any, usage: Usage, checkpoint: Any = None) -> None:
+        """Charge the call's real usage (writing ``checkpoint`` in the same step) and warn once per threshold
+        crossed."""
         totals = self.budget.settle_totals(reservation, usage.total_tokens, cost_micro_usd(
             self.model, usage.input_tokens, usage.output_tokens,
-            usage.cache_creation_input_tokens, usage.cache_read_input_tokens))
+            usage.cache_creation_input_tokens, usage.cache_read_input_tokens), progress=self._progress(checkpoint))
         self.open = None
         if totals is not None:
             self._check_thresholds(*totals)

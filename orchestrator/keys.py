@@ -91,31 +91,18 @@ class Keys:
         """Sorted set: running agent id scored by the end of its duration limit (epoch seconds)."""
         return f"{self.prefix}deadlines"
 
-    def daily_used(self, day: str) -> str:
-        """Counter: tokens settled on a calendar day."""
-        return f"{self.prefix}budget:day:{day}:used"
+    def day_ledger(self, day: str) -> str:
+        """String "used|reserved|cost_micro": a calendar day's settled tokens, open reservations and spend."""
+        return f"{self.prefix}budget:day:{day}:ledger"
 
-    def daily_reserved(self, day: str) -> str:
-        """Hash: reservation id -> tokens reserved on a day (leases tracked in ``reservations``)."""
-        return f"{self.prefix}budget:day:{day}:reserved"
-
-    def agent_used(self, agent_id: str) -> str:
-        """Counter: tokens settled by one agent."""
-        return f"{self.prefix}budget:agent:{agent_id}:used"
-
-    def agent_reserved(self, agent_id: str) -> str:
-        """Hash: reservation id -> tokens reserved by one agent."""
-        return f"{self.prefix}budget:agent:{agent_id}:reserved"
+    def agent_ledger(self, agent_id: str) -> str:
+        """String "used|reserved": one agent's settled tokens and open reservations."""
+        return f"{self.prefix}budget:agent:{agent_id}:ledger"
 
     @property
     def reservations(self) -> str:
-        """Sorted set: reservation id scored by lease expiry."""
+        """Sorted set: open token reservations, "id|amount|day|agent", scored by lease expiry."""
         return f"{self.prefix}budget:reservations"
-
-    @property
-    def reservation_data(self) -> str:
-        """Hash: reservation id -> "amount|day|agent" of every open token reservation."""
-        return f"{self.prefix}budget:reservation-data"
 
     def day_exhausted(self, day: str) -> str:
         """Flag: a call was refused on this day because the daily limit had too little left."""
@@ -128,10 +115,6 @@ class Keys:
     def day_agents(self, day: str) -> str:
         """Set: agents that used tokens on a day."""
         return f"{self.prefix}budget:day:{day}:agents"
-
-    def day_cost(self, day: str) -> str:
-        """Counter: micro-dollars spent on a day (integer, no float drift)."""
-        return f"{self.prefix}budget:day:{day}:cost_micro"
 
     def day_archive(self, day: str) -> str:
         """String: the archived summary of a finished day."""

@@ -134,7 +134,7 @@ class Lifecycle:
     def _expiring(self, agent_id: str, task_id: str | None) -> list[str]:
         """Per-agent keys (besides record, fence and events) that live exactly as long as the record."""
         k = self.keys
-        out = [k.checkpoint(agent_id), k.agent_used(agent_id), k.agent_reserved(agent_id),
+        out = [k.checkpoint(agent_id), k.agent_ledger(agent_id),
                k.agent_exhausted(agent_id), k.snapshot(agent_id)]
         if task_id:
             out.append(k.task_index(task_id))

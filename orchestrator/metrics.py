@@ -21,6 +21,7 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from orchestrator.budget import ledger_fields
 from orchestrator.fleet import Fleet
 from orchestrator.killswitch import Killswitch
 from orchestrator.ops import outbox
@@ -101,11 +102,11 @@ class FleetCollector(Collector):
         yield _gauge("orchestrator_concurrency_limit", "Agents allowed to run at once", conc["limit"])
 
         ids = [str(rec["agent_id"]) for rec in records]
-        used = cast(list[str | None], f.r.mget([f.keys.agent_used(i) for i in ids])) if ids else []
+        used = cast(list[str | None], f.r.mget([f.keys.agent_ledger(i) for i in ids])) if ids else []
         per_agent = GaugeMetricFamily("orchestrator_agent_tokens_used", "Tokens settled by each live agent",
                                       labels=["agent_id", "task_id"])
         for rec, value in zip(records, used, strict=True):
-            per_agent.add_metric([str(rec["agent_id"]), str(rec.get("task_id") or "")], int(value or 0))
+            per_agent.add_metric([str(rec["agent_id"]), str(rec.get("task_id") or "")], ledger_fields(value, 1)[0])
         yield per_agent
 
         beats = cast(list[tuple[str, float]], f.r.zrange(f.keys.heartbeats, 0, -1, withscores=True))

@@ -254,6 +254,7 @@ class RateLimiter:
         self._probe_token: str | None = None
         self._strikes = 0  # refusals in a row (backoff without retry-after)
         self._shown: dict[str, Any] | None = None  # what the record's ``waiting`` field says now
+        self._before_wait: Callable[[], None] | None = None  # the caller's hook before this call's first wait
         self._last_write = 0.0
         if r is not None:
             self._pause = scripts.load(r, "ratelimit_pause")
@@ -296,15 +297,28 @@ class RateLimiter:
             self._news.set()
 
     # -- the loop's hooks --------------------------------------------------------------------------------------
-    def wait_if_paused(self) -> None:
+    def wait_if_paused(self, before_wait: Callable[[], None] | None = None) -> None:
         """Wait while the fleet is paused on this model (reading its state once per run); this run may be the
-        one to probe when the pause ends."""
-        self._load()
-        self._await_pause()
+        one to probe when the pause ends. ``before_wait`` runs once before the first wait, if there is one."""
+        self._before_wait = before_wait
+        try:
+            self._load()
+            self._await_pause()
+        finally:
+            self._before_wait = None
 
-    def before_call(self, input_tokens: int, output_tokens: int) -> None:
-        """Wait while the fleet is paused or the headers say the call cannot fit; StopRun when waiting is over."""
-        self.wait_if_paused()
+    def before_call(self, input_tokens: int, output_tokens: int,
+                    before_wait: Callable[[], None] | None = None) -> None:
+        """Wait while the fleet is paused or the headers say the call cannot fit; StopRun when waiting is over.
+        ``before_wait`` runs once before the first wait, if there is one."""
+        self.wait_if_paused(before_wait)
+        self._before_wait = before_wait
+        try:
+            self._wait_for_headroom(input_tokens, output_tokens)
+        finally:
+            self._before_wait = None
+
+    def _wait_for_headroom(self, input_tokens: int, output_tokens: int) -> None:
         while True:
             wait, which = self.headroom.delay(self.model, input_tokens, output_tokens, self.clock())
             if wait <= 0:
@@ -501,6 +515,9 @@ class RateLimiter:
     def _sleep(self, seconds: float, info: dict[str, Any], wake_on_news: bool = False) -> bool:
         """Wait ``seconds`` (counted against ``max_wait``); True when a pause/resume message cut it short."""
         self._check_budget(seconds)
+        hook, self._before_wait = self._before_wait, None
+        if hook is not None:
+            hook()
         self._show(info)
         if wake_on_news:
             self._news.clear()

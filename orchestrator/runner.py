@@ -7,6 +7,7 @@ Every change of the agent's state goes through ``orchestrator.lifecycle``.
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import os
 import time
@@ -16,7 +17,7 @@ from typing import Any
 from orchestrator.agent.loop import AgentLoop, Checkpoint, LoopConfig, StopSignal
 from orchestrator.agent.model import ModelClient
 from orchestrator.agent.tools import TOOL_DEFINITIONS, Toolbox, safe_env
-from orchestrator.budget import AgentLedger
+from orchestrator.budget import AgentLedger, Progress
 from orchestrator.errors import StaleFence, StopRun
 from orchestrator.fleet import Fleet
 from orchestrator.gates import GATE_OUTPUT_LIMIT, gate_feedback, run_gates
@@ -157,7 +158,8 @@ class AgentRun:
         self.model_name = spec.model or self.s.model
         self.agent_limit = min(self.s.agent_token_limit, spec.token_limit or self.s.agent_token_limit)
         self.warnings: list[str] = []
-        self.ledger = AgentLedger(fleet.budget, self.agent_id, self.agent_limit, self.model_name, self.warn)
+        self.ledger = AgentLedger(fleet.budget, self.agent_id, self.agent_limit, self.model_name, self.warn,
+                                  persist=self._progress_to_carry)
         self.limiter = RateLimiter(fleet.r, fleet.keys, self.model_name, self.stop,
                                    max_wait=self.s.rate_limit_max_wait_seconds, on_wait=self._waiting)
         self.model: ModelClient | None = None
@@ -349,6 +351,23 @@ class AgentRun:
                                   turns=cp.turns, usage=cp.usage.model_dump(), last_tool=cp.last_tool)
         if snapshot is not None:
             self.snapshot_key = snapshot.key
+
+    def _progress_to_carry(self, cp: Checkpoint) -> Progress:
+        """The checkpoint (and, after tools, the worktree's snapshot) that the ledger writes with its reservation
+        or settlement: the same fenced save as ``_save_checkpoint``, minus the record fields (the heartbeat
+        publishes turns, usage and the last tool)."""
+        self.checkpoint = cp
+        self.last_progress = time.time()
+        snapshot = self._snapshot() if cp.messages and cp.messages[-1]["role"] == "user" else None
+        k = self.fleet.keys
+
+        def saved() -> None:
+            if snapshot is not None:
+                self.snapshot_key = snapshot.key
+
+        return Progress(k.fence(self.agent_id), self.fence, k.checkpoint(self.agent_id), json.dumps(cp.to_json()),
+                        k.snapshot(self.agent_id), base64.b64encode(snapshot.bundle).decode() if snapshot else "",
+                        on_saved=saved)
 
     def _snapshot(self) -> Snapshot | None:
         """The worktree's state for any host, or None when unchanged (or too big: then a warning, once).

@@ -11,6 +11,7 @@ from typing import Any
 
 from celery import Celery
 
+from orchestrator.budget import ledger_fields
 from orchestrator.fleet import Fleet
 from orchestrator.ops import health_sweep
 from orchestrator.settings import STATE_DB, Settings
@@ -43,7 +44,7 @@ def completed_usage(offline: OfflineModel, agent_id: str) -> int:
 
 def ledger_used(cluster: Cluster, agent_id: str) -> int:
     with cluster.state() as r:
-        return int(r.get(f"orch:budget:agent:{agent_id}:used") or 0)
+        return ledger_fields(r.get(f"orch:budget:agent:{agent_id}:ledger"), 1)[0]
 
 
 def start_mid_run(cluster: Cluster, offline: OfflineModel, repo: Path, worker: str, task_id: str,
@@ -110,7 +111,7 @@ def test_frozen_worker_writes_nothing_after_it_thaws(cluster: Cluster, sample_re
         assert result["status"] == "completed" and result["worker"].startswith("thawed-out@")
         with cluster.state() as r:
             before = (r.hgetall(f"orch:agent:{agent_id}"), r.get(f"orch:checkpoint:{agent_id}"),
-                      r.get(f"orch:budget:agent:{agent_id}:used"))
+                      r.get(f"orch:budget:agent:{agent_id}:ledger"))
         head = git(mirror_of(cluster.workspace), "rev-parse", result["branch"]).strip()
         thawed_at = time.time()
     finally:
@@ -118,7 +119,7 @@ def test_frozen_worker_writes_nothing_after_it_thaws(cluster: Cluster, sample_re
     time.sleep(6)  # the old worker finishes its stale stream and notices its fencing token is stale
     with cluster.state() as r:
         after = (r.hgetall(f"orch:agent:{agent_id}"), r.get(f"orch:checkpoint:{agent_id}"),
-                 r.get(f"orch:budget:agent:{agent_id}:used"))
+                 r.get(f"orch:budget:agent:{agent_id}:ledger"))
     assert after[0] == before[0] and after[1] == before[1]
     assert git(mirror_of(cluster.workspace), "rev-parse", result["branch"]).strip() == head
     assert [c for c in offline.calls() if c.agent == agent_id and c.started_at > thawed_at] == []

@@ -123,13 +123,13 @@ def test_finish_clears_every_index_and_gives_every_key_the_record_ttl(life: Life
     agent_id, _, _ = life.create(record(), "t-1")
     adm = admit(life, agent_id)
     life.save(agent_id, adm.fence, {"messages": []}, turns=1)
-    r.set(K.agent_used(agent_id), 10)
+    r.set(K.agent_ledger(agent_id), "10|0")
     done = life.finish(agent_id, "t-1", State.COMPLETED, {"result": {"status": "completed"}}, fence=adm.fence,
                        outbox=(agent_id, K.outbox_item(agent_id), "{}"))
     assert done == 1 and state_of(r, agent_id) == "completed"
     assert indexes(r, agent_id) == set() and not r.exists(K.lease(agent_id))
     for key in (K.agent(agent_id), K.fence(agent_id), K.checkpoint(agent_id), K.task_index("t-1"),
-                K.agent_used(agent_id), K.events(agent_id), K.outbox_item(agent_id)):
+                K.agent_ledger(agent_id), K.events(agent_id), K.outbox_item(agent_id)):
         assert 0 < r.ttl(key) <= RECORD_TTL_SECONDS, key
     assert r.zscore(K.outbox, agent_id) is not None
     assert r.hget(K.stats, "finished:completed") == "1"

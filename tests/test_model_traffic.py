@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from orchestrator.agent.context import PLACEHOLDER_PREFIX
+from orchestrator.budget import ledger_fields
 from orchestrator.pricing import cost_micro_usd
 from orchestrator.testing import offline_model
 from orchestrator.testing.offline_model import OfflineModel, Script, Turn, bash, text_turn
@@ -31,7 +32,7 @@ AGENTS = 6
 
 def ledger_used(cluster: Cluster, agent_id: str) -> int:
     with cluster.state() as r:
-        return int(r.get(f"orch:budget:agent:{agent_id}:used") or 0)
+        return ledger_fields(r.get(f"orch:budget:agent:{agent_id}:ledger"), 1)[0]
 
 
 def calls_of(offline: OfflineModel, agent_id: str) -> list[offline_model.ServedCall]:

@@ -25,7 +25,7 @@ from celery import Celery
 
 from orchestrator import replication
 from orchestrator.broker import SentinelTransport
-from orchestrator.budget import Budget
+from orchestrator.budget import Budget, ledger_fields
 from orchestrator.keys import Keys
 from orchestrator.replication import StateRedis, replicated
 from orchestrator.settings import STATE_DB, Settings
@@ -136,7 +136,7 @@ def test_state_client_follows_a_failover_and_reloads_the_scripts_the_new_master_
     old = group.primary
     replica = next(v for v in group.servers if v is not old)
     with replica.client(STATE_DB) as c:
-        assert c.hexists(KEYS.reservation_data, res.id)  # WAIT returned: the replica holds the reservation already
+        assert c.zscore(KEYS.reservations, res.id) is not None  # WAIT returned: the replica holds the reservation already
         assert c.script_exists(budget._settle.sha) == [False]  # the script cache is not replicated
     group.kill_primary()
     started = time.monotonic()
@@ -147,8 +147,8 @@ def test_state_client_follows_a_failover_and_reloads_the_scripts_the_new_master_
     assert elapsed < 30, elapsed
     with replica.client(STATE_DB) as c:
         assert c.script_exists(budget._settle.sha) == [True]
-        assert c.get(KEYS.daily_used(res.day)) == "1200" and c.get(KEYS.daily_reserved(res.day)) == "0"
-    assert r.get(KEYS.daily_used(res.day)) == "1200"  # decode_responses: strings, as everywhere in the fleet
+        assert c.get(KEYS.day_ledger(res.day)) == "1200|0|0"  # used|reserved|cost
+    assert r.get(KEYS.day_ledger(res.day)) == "1200|0|0"  # decode_responses: strings, as everywhere in the fleet
 
 
 def test_wait_confirms_a_write_and_reports_a_replica_that_does_not_acknowledge(
@@ -269,12 +269,12 @@ def test_sentinel_failover_drill_loses_nothing_and_runs_nothing_twice(fault: str
         state = stack.enter_context(group.server(new_port).client(STATE_DB))
         day = datetime.now(UTC).date().isoformat()
         served = offline.usage_for()["total_tokens"]
-        used = int(state.get(KEYS.daily_used(day)) or 0)
+        used, reserved = ledger_fields(state.get(KEYS.day_ledger(day)), 2)[:2]
         assert used == served, (used, served)  # the ledger equals what the model served: nothing lost, nothing twice
-        assert int(state.get(KEYS.daily_reserved(day)) or 0) == 0
+        assert reserved == 0
         assert used <= limits["daily_token_limit"]
         for agent_id in ids + [r["agent_id"] for r in canary_results]:
-            agent_used = int(state.get(KEYS.agent_used(agent_id)) or 0)
+            agent_used = ledger_fields(state.get(KEYS.agent_ledger(agent_id)), 1)[0]
             assert agent_used == offline.usage_for(agent_id)["total_tokens"] <= limits["agent_token_limit"]
             record = state.hgetall(KEYS.agent(agent_id))
             assert json.loads(record["state"]) == "completed"

@@ -92,13 +92,23 @@ class Reservation(Protocol):
 
 
 class Ledger(Protocol):
-    """The budget: reserve before a call, settle after (see ``orchestrator.budget``)."""
+    """The budget: reserve before a call, settle after (see ``orchestrator.budget``).
 
-    def reserve(self, input_bound: int, max_output: int) -> Reservation:
-        """Set tokens aside, or raise StopRun(BUDGET_EXCEEDED)."""
+    A ledger that ``carries_checkpoints`` writes the checkpoint it is given in the same step as the reservation or
+    settlement (fenced; the loop then makes no write of its own for it). Otherwise the loop hands the checkpoint
+    to ``on_checkpoint`` right after.
+    """
+
+    @property
+    def carries_checkpoints(self) -> bool:
+        """Whether ``reserve`` and ``settle`` write the checkpoint they are given."""
         ...
 
-    def settle(self, reservation: Reservation, usage: Usage) -> None:
+    def reserve(self, input_bound: int, max_output: int, checkpoint: Checkpoint | None = None) -> Reservation:
+        """Set tokens aside, or raise StopRun(BUDGET_EXCEEDED) (a carried checkpoint is written either way)."""
+        ...
+
+    def settle(self, reservation: Reservation, usage: Usage, checkpoint: Checkpoint | None = None) -> None:
         """Replace the reservation with what the call really used."""
         ...
 
@@ -106,12 +116,13 @@ class Ledger(Protocol):
 class Traffic(Protocol):
     """The rate limiter as the loop sees it (``orchestrator.ratelimit.RateLimiter``)."""
 
-    def wait_if_paused(self) -> None:
-        """Wait while the fleet is paused on this model."""
+    def wait_if_paused(self, before_wait: Callable[[], None] | None = None) -> None:
+        """Wait while the fleet is paused on this model (calling ``before_wait`` first if it has to wait)."""
         ...
 
-    def before_call(self, input_tokens: int, output_tokens: int) -> None:
-        """Wait until the call can go out."""
+    def before_call(self, input_tokens: int, output_tokens: int,
+                    before_wait: Callable[[], None] | None = None) -> None:
+        """Wait until the call can go out (calling ``before_wait`` first if it has to wait)."""
         ...
 
     def on_response(self, headers: Mapping[str, str]) -> None:
@@ -218,6 +229,9 @@ class AgentLoop:
         self._squeeze: str | None = None  # "learnt" / "refused": clear on the next call even if it seems to fit
         self._cached = 0  # input tokens of the last call, cached for the next one (its prefix)
         self.cleared = 0  # tool results this loop cleared
+        # A checkpoint (after a turn's tools) that goes out with the next reservation, in the same script. It is
+        # written on its own first whenever anything could come between: a wait, a token count, the end of the run.
+        self._unsaved: Checkpoint | None = None
 
     def run(self, cp: Checkpoint) -> Checkpoint:
         """Run from ``cp`` (fresh or resumed) until the model ends its turn or ``max_turns``."""
@@ -227,41 +241,70 @@ class AgentLoop:
                 self.stop.check()
                 if cp.turns >= self.config.max_turns:
                     cp.stop_reason = "max_turns"
+                    self._save(cp)
                     return cp
-                reply = self._turn(cp)
-                reason = self._take(cp, reply)
+                reply, reservation = self._turn(cp)
+                reason = self._take(cp, reply, reservation)
                 if reason == "refusal":
                     raise StopRun(State.FAILED, refusal_reason(reply))
                 if reason in GO_ON_REASONS:
                     continue
                 if reason != "tool_use" or not self._pending_tool_uses(cp):
                     cp.stop_reason = reason
-                    self.on_checkpoint(cp)
+                    self._save(cp)
                     return cp
                 self._run_pending_tools(cp)
+        except BaseException:
+            self._flush_quietly()
+            raise
         finally:
             self.limiter.close()
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
+    def _save(self, cp: Checkpoint) -> None:
+        """Write the checkpoint now (it supersedes one still waiting for the next reservation)."""
+        self._unsaved = None
+        self.on_checkpoint(cp)
+
+    def _flush(self) -> None:
+        """Write the checkpoint that waits for the next reservation, now (something may come between)."""
+        if self._unsaved is not None:
+            self._save(self._unsaved)
+
+    def _flush_quietly(self) -> None:
+        """The run is ending with an exception: write what waits, without hiding that exception."""
+        try:
+            self._flush()
+        except Exception as exc:  # the run's own exception is the one that matters
+            log.warning("could not write the last checkpoint as the run ends: %s", exc)
 
     def input_bound(self, cp: Checkpoint) -> int:
         """An upper bound on the next call's input tokens: exact count plus the bytes added since."""
         if cp.last_call_tokens is None:
+            self._flush()
             return self.model.count_tokens(cp.messages)
         added = cp.messages[cp.last_call_messages:]
         return cp.last_call_tokens + sum(_bytes(m) for m in added) + INPUT_MARGIN_TOKENS
 
     # -- one call ---------------------------------------------------------------------------------------------
-    def _turn(self, cp: Checkpoint) -> ModelReply:
-        """Make the next call, waiting and retrying as the traffic rules say; the settled reply."""
+    def _turn(self, cp: Checkpoint) -> tuple[ModelReply, Reservation]:
+        """Make the next call, waiting and retrying as the traffic rules say: the reply and its reservation, which
+        ``_take`` settles together with the checkpoint of the reply."""
         while True:
             self.stop.check()
             try:
-                self.limiter.wait_if_paused()
+                self.limiter.wait_if_paused(before_wait=self._flush)
                 input_bound, max_tokens = self._fit(cp)
-                self.limiter.before_call(max(0, input_bound - self._cached), max_tokens)
+                self.limiter.before_call(max(0, input_bound - self._cached), max_tokens, before_wait=self._flush)
             except ModelCallError as err:
                 self._failed(err)
                 continue
-            reservation = self.ledger.reserve(input_bound, max_tokens)
+            if self.ledger.carries_checkpoints:
+                reservation = self.ledger.reserve(input_bound, max_tokens, checkpoint=self._unsaved)
+                self._unsaved = None
+            else:
+                self._flush()
+                reservation = self.ledger.reserve(input_bound, max_tokens)
             try:
                 reply = self.model.call(cp.messages, reservation.max_tokens, on_event=self.stop.check,
                                         on_response=self.limiter.on_response)
@@ -273,8 +316,7 @@ class AgentLoop:
                 cp.usage = cp.usage.add(failure.usage)
                 self._failed(failure)
                 continue
-            self.ledger.settle(reservation, reply.usage)
-            return reply
+            return reply, reservation
 
     def _failed(self, err: ModelCallError) -> None:
         """Decide about a failed call: return to retry (after any wait), or raise the StopRun that ends the run."""
@@ -295,8 +337,9 @@ class AgentLoop:
         if not self.limiter.on_failure(err.cause):
             raise StopRun(State.FAILED, f"model call failed: {err}") from None
 
-    def _take(self, cp: Checkpoint, reply: ModelReply) -> str:
-        """Add a reply to the transcript (answering any cut-off tool call) and checkpoint; its stop reason."""
+    def _take(self, cp: Checkpoint, reply: ModelReply, reservation: Reservation) -> str:
+        """Add a reply to the transcript (answering any cut-off tool call), then settle its reservation and write
+        the checkpoint in one step; its stop reason."""
         reason = reply.stop_reason or "end_turn"
         cp.usage = cp.usage.add(reply.usage)
         cp.turns += 1
@@ -320,11 +363,16 @@ class AgentLoop:
             self._squeeze = "learnt"
         if reason == "refusal":
             cp.stop_reason = reason
-        self.on_checkpoint(cp)
+        if self.ledger.carries_checkpoints:
+            self.ledger.settle(reservation, reply.usage, checkpoint=cp)
+        else:
+            self.ledger.settle(reservation, reply.usage)
+            self.on_checkpoint(cp)
         return reason
 
     # -- the context window -----------------------------------------------------------------------------------
     def _recount(self, cp: Checkpoint) -> int:
+        self._flush()  # a count is a call of its own (it may wait and retry): nothing waits across it
         exact = self.model.count_tokens(cp.messages)
         cp.last_call_tokens, cp.last_call_messages = exact, len(cp.messages)
         return exact
@@ -357,7 +405,7 @@ class AgentLoop:
             self._cached = 0  # the prefix after the first cleared result is new to the cache
             log.info("cleared %d old tool results to fit the %d-token context window: %d input tokens now",
                      cleared, window, exact)
-            self.on_checkpoint(cp)  # the cleared transcript is what a resumed run sends
+            self._save(cp)  # the cleared transcript is what a resumed run sends
         floor = min(wanted, MIN_OUTPUT_TOKENS)
         if exact + floor > window or (squeeze == "refused" and not cleared):
             raise StopRun(State.FAILED, f"context window exhausted: {exact:,} input tokens after clearing old tool "
@@ -396,4 +444,4 @@ class AgentLoop:
             self._watch_for_loops(block, result.content)
         self.stop.check()  # a tool cut by a stop does not count as done: it runs again on resume
         cp.messages.append({"role": "user", "content": results})
-        self.on_checkpoint(cp)
+        self._unsaved = cp  # written with the next reservation (or on its own, first, if anything comes between)
