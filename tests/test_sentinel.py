@@ -136,7 +136,7 @@ def test_state_client_follows_a_failover_and_reloads_the_scripts_the_new_master_
     old = group.primary
     replica = next(v for v in group.servers if v is not old)
     with replica.client(STATE_DB) as c:
-        assert c.zscore(KEYS.reservations, res.id) is not None  # WAIT returned: the replica holds the reservation already
+        assert c.zscore(KEYS.reservations, res.id) is not None  # WAIT returned: the replica holds it already
         assert c.script_exists(budget._settle.sha) == [False]  # the script cache is not replicated
     group.kill_primary()
     started = time.monotonic()
