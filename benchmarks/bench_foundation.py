@@ -12,7 +12,6 @@ Each compares the fleet with a baseline measured in the same run:
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 from collections.abc import Callable
@@ -425,7 +424,7 @@ def bench_loop(h: Harness) -> list[Row]:
         fence = running(agent_id)
 
         def carry(cp: Checkpoint) -> Progress:  # AgentRun._progress_to_carry, without a worktree snapshot
-            return Progress(keys.fence(agent_id), fence, keys.checkpoint(agent_id), json.dumps(cp.to_json()),
+            return Progress(keys.fence(agent_id), fence, keys.checkpoint(agent_id), cp.dumps(),
                             keys.snapshot(agent_id))
 
         ledger = AgentLedger(budget, agent_id, settings.agent_token_limit, DEFAULT_MODEL, lambda message: None,

@@ -7,7 +7,6 @@ Every change of the agent's state goes through ``orchestrator.lifecycle``.
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import os
 import time
@@ -365,7 +364,7 @@ class AgentRun:
             if snapshot is not None:
                 self.snapshot_key = snapshot.key
 
-        return Progress(k.fence(self.agent_id), self.fence, k.checkpoint(self.agent_id), json.dumps(cp.to_json()),
+        return Progress(k.fence(self.agent_id), self.fence, k.checkpoint(self.agent_id), cp.dumps(),
                         k.snapshot(self.agent_id), base64.b64encode(snapshot.bundle).decode() if snapshot else "",
                         on_saved=saved)
 

@@ -229,3 +229,21 @@ def test_a_refused_reservation_still_writes_the_checkpoint_it_carries(runs: Call
     saved = run.saved()
     assert saved["messages"][-1]["role"] == "user" and saved["messages"][-1]["content"][0]["type"] == "tool_result"
     assert run.budget.agent_totals(run.agent_id)[0] == offline.usage_for(run.agent_id)["total_tokens"] <= 6_000
+
+
+def test_checkpoint_text_encodes_each_message_once_and_follows_clearing() -> None:
+    from orchestrator.agent.context import clear_old_tool_results
+
+    cp = Checkpoint(messages=[{"role": "user", "content": "go é"}])
+    for i in range(6):
+        cp.messages.append({"role": "assistant", "content": [{"type": "tool_use", "id": f"t{i}", "name": "bash",
+                                                              "input": {"command": f"cat big{i}"}}]})
+        cp.messages.append({"role": "user", "content": [{"type": "tool_result", "tool_use_id": f"t{i}",
+                                                         "content": "x" * 5000}]})
+        cp.turns += 1
+        assert json.loads(cp.dumps()) == cp.to_json()
+    cp.messages = clear_old_tool_results(cp.messages, keep=2).messages  # copies the messages it changes
+    cp.stop_reason = "end_turn"
+    text = cp.dumps()
+    assert json.loads(text) == cp.to_json() and len(text) < 15_000
+    assert Checkpoint.from_json(json.loads(text)).to_json() == cp.to_json()

@@ -63,6 +63,24 @@ class Checkpoint:
     last_call_messages: int = 0  # transcript length those tokens cover
     last_tool: str | None = None
     stop_reason: str | None = None
+    # message id -> (message, its JSON): each message is encoded once per run (messages never change in place;
+    # clearing old tool results copies the ones it changes)
+    _encoded: dict[int, tuple[dict[str, Any], str]] = field(default_factory=dict, repr=False, compare=False)
+
+    def dumps(self) -> str:
+        """``to_json()`` as JSON text, encoding only the messages added since the last call."""
+        parts: list[str] = []
+        known, seen = self._encoded, {}
+        for message in self.messages:
+            hit = known.get(id(message))
+            if hit is None or hit[0] is not message:
+                hit = (message, json.dumps(message))
+            seen[id(message)] = hit
+            parts.append(hit[1])
+        self._encoded = seen
+        rest = self.to_json()
+        del rest["messages"]
+        return '{"messages": [' + ", ".join(parts) + "], " + json.dumps(rest)[1:]
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready form."""
