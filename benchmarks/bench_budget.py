@@ -161,7 +161,7 @@ def _loop_overhead(h: Harness) -> list[Row]:
             f"{n + 1} turns/run, no checkpoints; {1000 / ledger_rate - 1000 / noop_rate:+.2f} ms/turn; "
             f"ledger {spread(rates['ledger'])}"),
         Row(NAME, "  time in the ledger per turn", median(books_ms["ledger"]), "ms", "a no-op loop turn",
-            1000 / noop_rate, "timed inside reserve/settle (4 round trips: reserve, settle, GET, MGET); "
+            1000 / noop_rate, "timed inside reserve/settle (2 round trips: one script each); "
                               "ratio = share of a turn"),
     ]
 
