@@ -247,3 +247,19 @@ def test_checkpoint_text_encodes_each_message_once_and_follows_clearing() -> Non
     text = cp.dumps()
     assert json.loads(text) == cp.to_json() and len(text) < 15_000
     assert Checkpoint.from_json(json.loads(text)).to_json() == cp.to_json()
+
+
+def test_a_stale_reservation_writes_nothing(r: redis.Redis) -> None:
+    budget = Budget(r, Settings(_env_file=None))
+    r.set(K.fence("a1"), "2:200")
+    r.set(K.checkpoint("a1"), '{"turns": 7}')
+    stale = Progress(K.fence("a1"), "1:100", K.checkpoint("a1"), '{"turns": 1}', K.snapshot("a1"), "bundle")
+    with pytest.raises(StaleFence):
+        budget.reserve("a1", 10_000, 100, 100, progress=stale)
+    assert r.get(K.checkpoint("a1")) == '{"turns": 7}' and not r.exists(K.snapshot("a1"))
+    assert r.zcard(K.reservations) == 0 and budget.day_totals()["reserved"] == 0
+    assert budget.agent_totals("a1") == (0, 0)
+    current = Progress(K.fence("a1"), "2:200", K.checkpoint("a1"), '{"turns": 8}', K.snapshot("a1"), "bundle")
+    res = budget.reserve("a1", 10_000, 100, 100, progress=current)
+    assert res is not None and r.get(K.checkpoint("a1")) == '{"turns": 8}' and r.get(K.snapshot("a1")) == "bundle"
+    assert budget.agent_totals("a1") == (0, 200) and budget.day_totals()["reserved"] == 200
