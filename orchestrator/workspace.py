@@ -29,7 +29,9 @@ import os
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -63,6 +65,22 @@ _PASSED_ENV = (
     "SSL_CERT_FILE", "SSL_CERT_DIR", "GIT_SSL_CAINFO", "GIT_SSL_CAPATH", "SSH_AUTH_SOCK", "TZ",
 )
 _KILL_WAIT = 5.0
+
+
+#: A file modified this recently (seconds) is "racily clean" for :meth:`Workspace.fingerprint`: its content counts.
+RACY_SECONDS = 0.1
+RACY_HASH_MAX_BYTES = 1 << 20
+
+
+def _racy_content(path: str, size: int) -> bytes:
+    """What a recently modified file adds to a fingerprint: a digest of its content, or a nonce when too big."""
+    if size > RACY_HASH_MAX_BYTES:
+        return os.urandom(16)
+    try:
+        with open(path, "rb") as f:
+            return hashlib.blake2b(f.read(), digest_size=16).digest()
+    except OSError:
+        return os.urandom(16)
 
 
 class WorkspaceError(RuntimeError):
@@ -349,8 +367,14 @@ class Workspace:
 
         Equal fingerprints mean no file changed, so the last snapshot still holds (no git call at all); a changed
         one only means :meth:`snapshot` must look (ignored files count here, and git may still find no change).
+
+        File times come from a coarse clock (a kernel tick), so a same-size rewrite in place within one tick keeps
+        every stat field. As git does with "racily clean" entries, a file modified within ``RACY_SECONDS`` of now
+        has its content in the digest too (a big one a random nonce, which forces a look): such an edit changes the
+        fingerprint, and a file that stops being recent changes it once more, which only costs a look.
         """
         digest = hashlib.blake2b(digest_size=16)
+        recent = time.time_ns() - int(RACY_SECONDS * 1e9)
         for dirpath, dirs, files in os.walk(wt.path):
             if dirpath == str(wt.path):
                 dirs[:] = [d for d in dirs if d != ".git"]
@@ -360,6 +384,8 @@ class Workspace:
                 with contextlib.suppress(OSError):
                     st = os.lstat(full)
                     digest.update(f"{full}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0{st.st_mode}\n".encode())
+                    if st.st_mtime_ns >= recent and stat.S_ISREG(st.st_mode):
+                        digest.update(_racy_content(full, st.st_size))
         return digest.hexdigest()
 
     def _restore_locked(self, agent_id: str, mirror: Path, path: Path, base_branch: str, branch: str,

@@ -67,6 +67,26 @@ def test_an_unchanged_worktree_makes_no_new_snapshot(tmp_path: Path) -> None:
     assert second is not None and second.key != first.key
 
 
+def test_a_same_size_rewrite_within_one_clock_tick_changes_the_fingerprint(tmp_path: Path) -> None:
+    """File times come from a coarse clock: an in-place rewrite in the same tick keeps size, mtime and inode."""
+    import os
+
+    repo = str(make_sample_repo(tmp_path / "repo"))
+    ws = Workspace(tmp_path / "ws")
+    wt = ws.prepare("a1", repo, "main", "agent/a1")
+    target = wt.path / "calc.py"
+    before = os.stat(target)
+    first = ws.fingerprint(wt)
+    with open(target, "r+") as f:  # in place: same inode, same size
+        text = f.read()
+        f.seek(0)
+        f.write(text.replace("a - b", "a + b"))
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))  # as if within the same tick
+    after = os.stat(target)
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+    assert ws.fingerprint(wt) != first
+
+
 def test_restoring_on_the_same_host_drops_what_came_after_the_snapshot(tmp_path: Path) -> None:
     repo = str(make_sample_repo(tmp_path / "repo"))
     ws = Workspace(tmp_path / "ws")
