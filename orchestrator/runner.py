@@ -344,12 +344,11 @@ class AgentRun:
         """The transcript, and with it (in the same step) the worktree's snapshot once tools may have changed it."""
         self.checkpoint = cp
         self.last_progress = time.time()
-        snapshot = self._snapshot() if cp.messages and cp.messages[-1]["role"] == "user" else None
+        snapshot, fingerprint = self._snapshot() if cp.messages and cp.messages[-1]["role"] == "user" else (None, None)
         self.fleet.lifecycle.save(self.agent_id, self.fence, cp.to_json(),
                                   snapshot=base64.b64encode(snapshot.bundle).decode() if snapshot else None,
                                   turns=cp.turns, usage=cp.usage.model_dump(), last_tool=cp.last_tool)
-        if snapshot is not None:
-            self.snapshot_key = snapshot.key
+        self._snapshot_saved(snapshot, fingerprint)
 
     def _progress_to_carry(self, cp: Checkpoint) -> Progress:
         """The checkpoint (and, after tools, the worktree's snapshot) that the ledger writes with its reservation
@@ -357,36 +356,41 @@ class AgentRun:
         publishes turns, usage and the last tool)."""
         self.checkpoint = cp
         self.last_progress = time.time()
-        snapshot = self._snapshot() if cp.messages and cp.messages[-1]["role"] == "user" else None
+        snapshot, fingerprint = self._snapshot() if cp.messages and cp.messages[-1]["role"] == "user" else (None, None)
         k = self.fleet.keys
-
-        def saved() -> None:
-            if snapshot is not None:
-                self.snapshot_key = snapshot.key
-
         return Progress(k.fence(self.agent_id), self.fence, k.checkpoint(self.agent_id), cp.dumps(),
                         k.snapshot(self.agent_id), base64.b64encode(snapshot.bundle).decode() if snapshot else "",
-                        on_saved=saved)
+                        on_saved=lambda: self._snapshot_saved(snapshot, fingerprint))
 
-    def _snapshot(self) -> Snapshot | None:
-        """The worktree's state for any host, or None when unchanged (or too big: then a warning, once).
+    def _snapshot_saved(self, snapshot: Snapshot | None, fingerprint: str | None) -> None:
+        """A save carrying ``snapshot`` (or finding the worktree unchanged) went through: what the next one compares
+        against. Recorded only then, so a save that failed leaves the next one to write the snapshot again."""
+        if snapshot is not None:
+            self.snapshot_key = snapshot.key
+        if fingerprint is not None:
+            self.fingerprint = fingerprint
+
+    def _snapshot(self) -> tuple[Snapshot | None, str | None]:
+        """The worktree's state for any host (None when unchanged, or too big: then a warning, once), and the
+        fingerprint to record once the save carrying it succeeded (``_snapshot_saved``; None: nothing to record).
 
         A turn whose tools changed no file at all (by the worktree's fingerprint) costs no git call.
         """
         if self.worktree is None:
-            return None
+            return None, None
         fingerprint = self.fleet.workspace.fingerprint(self.worktree)
         if fingerprint == self.fingerprint and self.snapshot_key is not None:
-            return None
-        self.fingerprint = fingerprint
+            return None, None
         try:
             return self.fleet.workspace.snapshot(self.worktree, self.agent_id, self.spec.base_branch,
-                                                 previous=self.snapshot_key, max_bytes=self.s.snapshot_max_mb << 20)
+                                                 previous=self.snapshot_key,
+                                                 max_bytes=self.s.snapshot_max_mb << 20), fingerprint
         except WorkspaceError as exc:
+            self.fingerprint = fingerprint  # the same failure would come again: look once files change
             if not self.snapshot_warned:
                 self.snapshot_warned = True
                 self.warn(f"no worktree snapshot ({exc}): a resume on another host would miss the uncommitted work")
-            return None
+            return None, None
 
     def _waiting(self, info: dict[str, Any] | None) -> None:
         """The record's ``waiting`` field: why and until when the run waits for the model (None: not waiting)."""

@@ -263,3 +263,37 @@ def test_a_stale_reservation_writes_nothing(r: redis.Redis) -> None:
     res = budget.reserve("a1", 10_000, 100, 100, progress=current)
     assert res is not None and r.get(K.checkpoint("a1")) == '{"turns": 8}' and r.get(K.snapshot("a1")) == "bundle"
     assert budget.agent_totals("a1") == (0, 200) and budget.day_totals()["reserved"] == 200
+
+
+def test_a_carried_snapshot_that_was_not_written_is_written_by_the_next_save(valkey: Valkey, sample_repo: Path,
+                                                                             tmp_path: Path) -> None:
+    """The reservation that carried a snapshot failed (Valkey away): the loop's own save must write it."""
+    from orchestrator import runner
+    from orchestrator.fleet import Fleet
+    from orchestrator.models import AgentSpec
+    from orchestrator.workspace import Workspace
+
+    settings = Settings(broker_url=valkey.url, workspace_dir=tmp_path / "ws", _env_file=None)
+    fleet = Fleet.create(settings)
+    intake = runner.intake(fleet, {"task_id": "carry-snap", "repo": str(sample_repo), "prompt": "go"}, None)
+    assert isinstance(intake, tuple)
+    agent_id = intake[0]
+    rec = fleet.store.get(agent_id)
+    assert rec is not None
+    spec = AgentSpec.model_validate(rec["spec"])
+    adm = fleet.lifecycle.admit(agent_id, "h", "w", priority=5, duration_seconds=600)
+    run = runner.AgentRun(fleet, rec, spec, "w", "h", adm)
+    wt = run._prepare()
+    cp = Checkpoint(messages=[{"role": "user", "content": "go"}])
+    cp.messages.append({"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "ok"}]})
+    run._save_checkpoint(cp)  # a first snapshot, as after an earlier turn's tools
+    first = fleet.store.load_snapshot(agent_id)
+    (wt.path / "made-by-tools.txt").write_text("the tools' work\n")
+    carried = run._progress_to_carry(cp)  # the next reservation would carry it...
+    assert carried.snapshot
+    run._save_checkpoint(cp)  # ...but its script failed: the loop's flush saves on its own
+    data = fleet.store.load_snapshot(agent_id)
+    assert data is not None and data != first
+    restored = Workspace(tmp_path / "other-host").prepare(agent_id, str(sample_repo), "main", rec["branch"], data)
+    assert (restored.path / "made-by-tools.txt").read_text() == "the tools' work\n"
+    fleet.r.close()

@@ -280,9 +280,10 @@ class AgentLoop:
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def _save(self, cp: Checkpoint) -> None:
-        """Write the checkpoint now (it supersedes one still waiting for the next reservation)."""
-        self._unsaved = None
+        """Write the checkpoint now (it supersedes one still waiting for the next reservation, which stays waiting
+        if this write fails)."""
         self.on_checkpoint(cp)
+        self._unsaved = None
 
     def _flush(self) -> None:
         """Write the checkpoint that waits for the next reservation, now (something may come between)."""
