@@ -5,9 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -36,23 +34,6 @@ def celery_control(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[
                           env=cluster.env(), capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
 
 
-def results_of(cluster: Cluster, pending: list[Any], timeout: float) -> list[dict[str, Any]]:
-    """The results as the coordinator gets them. Twice under heavy load the threads-pool drill stored every
-    result within 0.75 s while one ``.get()`` timed out: the coordinator's result subscription (Celery's Redis
-    backend, pubsub) missed a message. Then the stored results are read from the backend, with a warning, so the
-    drill still checks what the fleet did; a result the fleet did not store fails as before."""
-    try:
-        return [p.get(timeout=timeout) for p in pending]
-    except Exception as exc:
-        metas = [cluster.coordinator.backend.get_task_meta(p.id) for p in pending]
-        if not all(m.get("status") == "SUCCESS" for m in metas):
-            raise AssertionError(f"{exc!r}; results stored in the backend: {[m.get('status') for m in metas]}") \
-                from exc
-        warnings.warn(f"the coordinator's .get() missed a stored result ({exc!r}); read from the backend",
-                      stacklevel=2)
-        return [m["result"] for m in metas]
-
-
 @pytest.mark.parametrize("pool", ["prefork", "threads"])
 def test_drill_stops_every_agent_at_once_and_keeps_their_work(cluster: Cluster, sample_repo: Path,
                                                               offline: OfflineModel, pool: str) -> None:
@@ -67,7 +48,11 @@ def test_drill_stops_every_agent_at_once_and_keeps_their_work(cluster: Cluster, 
     started = time.monotonic()
     proc = celery_control(cluster, "killswitch", "drill")
     assert proc.returncode == 0, proc.stderr
-    results = results_of(cluster, pending, timeout=30)
+    try:
+        results = [p.get(timeout=30) for p in pending]
+    except Exception as exc:  # say whether the fleet stored the results and only the coordinator missed them
+        stored = [cluster.coordinator.backend.get_task_meta(p.id).get("status") for p in pending]
+        raise AssertionError(f"{exc!r}; results stored in the backend: {stored}") from exc
     elapsed = time.monotonic() - started
     assert [r["status"] for r in results] == ["killed"] * 6, results
     assert elapsed < 10

@@ -199,8 +199,10 @@ class ModelClient:
     def cancel(self) -> None:
         """Cut the call in flight (and refuse any later one): thread-safe, from any thread, at once.
 
-        The calling thread's socket is shut down under it (before the response headers as well as mid-stream),
-        and the stream is closed.
+        The calling thread's socket is shut down under it (before the response headers as well as mid-stream);
+        that thread then closes its own stream. It is never closed from here while another thread reads it: closing
+        frees the socket's file descriptor under the reader, which, woken by the shutdown, could then wait on
+        whatever file reuses that number (seen as a killswitch drill agent stuck for 10 s in the threads pool).
         """
         with self._lock:
             self._cancelled = True
@@ -208,6 +210,7 @@ class ModelClient:
             caller = self._caller
         if caller is not None and caller != threading.get_ident():
             transport.cut(caller)
+            return
         if stream is not None:
             # Closing a half-read response from another thread may raise; the reader stops anyway.
             with contextlib.suppress(Exception):
