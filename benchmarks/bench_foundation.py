@@ -423,8 +423,8 @@ def bench_loop(h: Harness) -> list[Row]:
         one per settlement + checkpoint after the reply)."""
         fence = running(agent_id)
 
-        def carry(cp: Checkpoint) -> Progress:  # AgentRun._progress_to_carry, without a worktree snapshot
-            return Progress(keys.fence(agent_id), fence, keys.checkpoint(agent_id), cp.dumps(),
+        def carry(cp: Checkpoint | None) -> Progress:  # AgentRun._progress_to_carry, without a worktree snapshot
+            return Progress(keys.fence(agent_id), fence, keys.checkpoint(agent_id), cp.dumps() if cp else "",
                             keys.snapshot(agent_id))
 
         ledger = AgentLedger(budget, agent_id, settings.agent_token_limit, DEFAULT_MODEL, lambda message: None,

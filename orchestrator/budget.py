@@ -61,7 +61,8 @@ class TokenReservation:
 @dataclass(frozen=True)
 class Progress:
     """A run's fenced progress, written in the same step as a reservation or a settlement (no round trip of its
-    own): the checkpoint JSON and, when the worktree changed, its snapshot."""
+    own): the checkpoint JSON and, when the worktree changed, its snapshot. An empty checkpoint checks the fence
+    and writes nothing."""
 
     fence_key: str
     fence: str
@@ -278,8 +279,9 @@ class Budget:
 class AgentLedger:
     """The ledger as one agent's loop sees it (``orchestrator.agent.loop.Ledger``).
 
-    With ``persist`` (checkpoint -> fenced ``Progress``) it carries the loop's checkpoints: a checkpoint handed to
-    ``reserve`` or ``settle`` is written in the same script as the reservation or settlement.
+    With ``persist`` (checkpoint or None -> fenced ``Progress``) it carries the loop's checkpoints: a checkpoint
+    handed to ``reserve`` or ``settle`` is written in the same script as the reservation or settlement, and every
+    reservation and settlement checks the run's fencing token.
     """
 
     def __init__(self, budget: Budget, agent_id: str, agent_limit: int, model: str,
@@ -302,7 +304,9 @@ class AgentLedger:
         return self.persist is not None
 
     def _progress(self, checkpoint: Any) -> Progress | None:
-        return self.persist(checkpoint) if checkpoint is not None and self.persist is not None else None
+        """The fenced progress to write with a reservation or settlement; with no checkpoint, the fence alone (a
+        run that was fenced out can reserve nothing, and learns it at its settlement)."""
+        return self.persist(checkpoint) if self.persist is not None else None
 
     def reserve(self, input_bound: int, max_output: int, checkpoint: Any = None) -> TokenReservation:
         """Reserve for the next call (writing ``checkpoint`` first, in the same step) or stop the run with

@@ -350,14 +350,17 @@ class AgentRun:
                                   turns=cp.turns, usage=cp.usage.model_dump(), last_tool=cp.last_tool)
         self._snapshot_saved(snapshot, fingerprint)
 
-    def _progress_to_carry(self, cp: Checkpoint) -> Progress:
+    def _progress_to_carry(self, cp: Checkpoint | None) -> Progress:
         """The checkpoint (and, after tools, the worktree's snapshot) that the ledger writes with its reservation
         or settlement: the same fenced save as ``_save_checkpoint``, minus the record fields (the heartbeat
-        publishes turns, usage and the last tool)."""
+        publishes turns, usage and the last tool). Without a checkpoint: the fence alone."""
+        k = self.fleet.keys
+        if cp is None:
+            return Progress(k.fence(self.agent_id), self.fence, k.checkpoint(self.agent_id), "",
+                            k.snapshot(self.agent_id))
         self.checkpoint = cp
         self.last_progress = time.time()
         snapshot, fingerprint = self._snapshot() if cp.messages and cp.messages[-1]["role"] == "user" else (None, None)
-        k = self.fleet.keys
         return Progress(k.fence(self.agent_id), self.fence, k.checkpoint(self.agent_id), cp.dumps(),
                         k.snapshot(self.agent_id), base64.b64encode(snapshot.bundle).decode() if snapshot else "",
                         on_saved=lambda: self._snapshot_saved(snapshot, fingerprint))

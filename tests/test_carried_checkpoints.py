@@ -51,7 +51,10 @@ class Run:
         self.toolbox = Toolbox(repo, shell_timeout=30)
         self.stop = StopSignal()
 
-    def carry(self, cp: Checkpoint) -> Progress:
+    def carry(self, cp: Checkpoint | None) -> Progress:
+        if cp is None:  # the fence alone
+            return Progress(K.fence(self.agent_id), self.fence, K.checkpoint(self.agent_id), "",
+                            K.snapshot(self.agent_id))
         self.carried.append(cp.messages[-1]["role"])
         return Progress(K.fence(self.agent_id), self.fence, K.checkpoint(self.agent_id), json.dumps(cp.to_json()),
                         K.snapshot(self.agent_id))
@@ -297,3 +300,14 @@ def test_a_carried_snapshot_that_was_not_written_is_written_by_the_next_save(val
     restored = Workspace(tmp_path / "other-host").prepare(agent_id, str(sample_repo), "main", rec["branch"], data)
     assert (restored.path / "made-by-tools.txt").read_text() == "the tools' work\n"
     fleet.r.close()
+
+
+def test_a_fenced_out_run_cannot_reserve_even_without_a_checkpoint(runs: Callable[[str], Run], r: redis.Redis,
+                                                                   offline: OfflineModel) -> None:
+    offline.add_script("carried", tool_script(TOOL_TURNS))
+    run = runs("carried-6")
+    r.set(K.fence(run.agent_id), "99:1")  # a newer run took the agent before this one's first call
+    with pytest.raises(StaleFence):
+        run.loop().run(Checkpoint(messages=[{"role": "user", "content": "[[script:carried]] go"}]))
+    assert offline.usage_for(run.agent_id)["total_tokens"] == 0  # no call was made
+    assert r.zcard(K.reservations) == 0 and run.budget.agent_totals(run.agent_id) == (0, 0)

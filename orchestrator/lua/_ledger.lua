@@ -20,10 +20,11 @@ local function put(key, existed, value, ttl)
   end
 end
 -- The fenced save of a turn's progress: 1 written (or nothing to write), 0 stale token (nothing written).
+-- token '' means unfenced and nothing to write; a token with checkpoint '' only checks the fence.
 local function save_progress(current_fence, token, cp_key, cp, snap_key, snap)
   if token == '' then return 1 end
   if current_fence ~= token then return 0 end
-  redis.call('SET', cp_key, cp)
+  if cp ~= '' then redis.call('SET', cp_key, cp) end
   if snap ~= '' then redis.call('SET', snap_key, snap) end
   return 1
 end

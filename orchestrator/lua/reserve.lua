@@ -9,7 +9,7 @@
 -- ARGV[1] reservation id  ARGV[2] input bound  ARGV[3] max output  ARGV[4] min output worth a call
 -- ARGV[5] daily limit  ARGV[6] agent limit  ARGV[7] '1' hard mode  ARGV[8] lease until  ARGV[9] agent id
 -- ARGV[10] day  ARGV[11] day keys' ttl  ARGV[12] '1' register the agent in the day's agents
--- ARGV[13] fencing token ('' no progress to save)  ARGV[14] checkpoint JSON  ARGV[15] snapshot or ''
+-- ARGV[13] fencing token ('' unfenced)  ARGV[14] checkpoint JSON or '' (fence check only)  ARGV[15] snapshot or ''
 -- Returns {1, max output granted, headroom, member} or {0, 0, headroom} when refused; {-1} stale token.
 --#include ledger
 local v = redis.call('MGET', KEYS[1], KEYS[2], KEYS[7])

@@ -6,7 +6,8 @@
 -- KEYS[1] reservations (zset)  KEYS[2] the reservation's day ledger  KEYS[3] its agent's ledger  KEYS[4] fence
 -- KEYS[5] checkpoint  KEYS[6] snapshot
 -- ARGV[1] member "id|amount|day|agent"  ARGV[2] tokens used  ARGV[3] cost (micro-dollars)
--- ARGV[4] fencing token ('' no progress to save)  ARGV[5] checkpoint JSON  ARGV[6] snapshot or ''  ARGV[7] day ttl
+-- ARGV[4] fencing token ('' unfenced)  ARGV[5] checkpoint JSON or '' (fence check only)  ARGV[6] snapshot or ''
+-- ARGV[7] day ttl
 -- Returns {settled 1/0, agent used, day used, progress saved 1/0}, so the caller checks thresholds without
 -- another round trip.
 --#include ledger
