@@ -8,6 +8,7 @@ from typing import Any
 
 from celery.signals import setup_logging, worker_init, worker_shutting_down
 
+from orchestrator.keys import Keys
 from orchestrator.logs import configure_logging
 from orchestrator.settings import get_settings
 
@@ -66,3 +67,20 @@ def _preload_and_freeze(**_: Any) -> None:
 
     gc.collect()
     gc.freeze()
+
+
+@worker_init.connect
+def _migrate_ledger(**_: Any) -> None:
+    """Fold ledger keys of the first layout into the compact one (an upgrade keeps the day's spend)."""
+    from orchestrator.ledger_migration import migrate_legacy_ledger
+    from orchestrator.store import connect
+
+    settings = get_settings()
+    try:
+        client = connect(settings)
+        try:
+            migrate_legacy_ledger(client, Keys(settings.key_prefix))
+        finally:
+            client.close()
+    except Exception:  # Valkey away at start: the next worker start folds them
+        log.exception("could not fold the first ledger layout's keys (a later start will)")
