@@ -46,9 +46,11 @@ def finish_unstarted(fleet: Fleet, rec: dict[str, Any], status: State, error: st
     """
     now = iso(utcnow())
     spec = rec.get("spec") or {}
+    # turns and usage as the last checkpoint has them (the record's copy is only as fresh as the last heartbeat)
+    cp = fleet.store.load_checkpoint(rec["agent_id"]) or {}
     result = AgentResult(agent_id=rec["agent_id"], task_id=rec.get("task_id"), status=status, branch=rec.get("branch"),
-                         commit=rec.get("commit"), turns=int(rec.get("turns") or 0),
-                         usage=Usage.model_validate(rec.get("usage") or {}), error=error,
+                         commit=rec.get("commit"), turns=int(cp.get("turns", rec.get("turns")) or 0),
+                         usage=Usage.model_validate(cp.get("usage", rec.get("usage")) or {}), error=error,
                          started_at=rec.get("started_at") or now, finished_at=now,
                          metadata=spec.get("metadata") or {})
     done = fleet.lifecycle.finish(rec["agent_id"], rec.get("task_id"), status, result_fields(result), fence=fence,

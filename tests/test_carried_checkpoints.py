@@ -311,3 +311,24 @@ def test_a_fenced_out_run_cannot_reserve_even_without_a_checkpoint(runs: Callabl
         run.loop().run(Checkpoint(messages=[{"role": "user", "content": "[[script:carried]] go"}]))
     assert offline.usage_for(run.agent_id)["total_tokens"] == 0  # no call was made
     assert r.zcard(K.reservations) == 0 and run.budget.agent_totals(run.agent_id) == (0, 0)
+
+
+def test_a_result_given_without_a_run_reports_the_checkpoints_turns_and_usage(valkey: Valkey, sample_repo: Path,
+                                                                              tmp_path: Path) -> None:
+    """The record's turns and usage are only as fresh as the last heartbeat; the checkpoint has the real ones."""
+    from orchestrator import runner
+    from orchestrator.fleet import Fleet
+    from orchestrator.results import finish_unstarted
+
+    fleet = Fleet.create(Settings(broker_url=valkey.url, workspace_dir=tmp_path / "ws", _env_file=None))
+    intake = runner.intake(fleet, {"task_id": "given-up", "repo": str(sample_repo), "prompt": "go"}, None)
+    assert isinstance(intake, tuple)
+    agent_id = intake[0]
+    fleet.lifecycle.save(agent_id, None, {"messages": [], "turns": 7, "usage": {"input_tokens": 90,
+                                                                                  "total_tokens": 120}},
+                         turns=3, usage={"total_tokens": 40})  # a heartbeat that saw turn 3
+    rec = fleet.store.get(agent_id)
+    assert rec is not None
+    result = finish_unstarted(fleet, rec, State.FAILED, "gave up")
+    assert result is not None and result.turns == 7 and result.usage.total_tokens == 120
+    fleet.r.close()
