@@ -169,6 +169,7 @@ class AgentRun:
         self.snapshot_key: str | None = None
         self.fingerprint: str | None = None
         self.snapshot_warned = False
+        self.fingerprint_memo: dict[str, tuple[tuple[int, ...], bytes, bool]] = {}
         self.last_progress = time.time()
         self.stuck_flagged = False
 
@@ -381,7 +382,7 @@ class AgentRun:
         """
         if self.worktree is None:
             return None, None
-        fingerprint = self.fleet.workspace.fingerprint(self.worktree)
+        fingerprint = self.fleet.workspace.fingerprint(self.worktree, self.fingerprint_memo)
         if fingerprint == self.fingerprint and self.snapshot_key is not None:
             return None, None
         try:

@@ -362,7 +362,7 @@ class Workspace:
         return Snapshot(key=key, head=head, wip=wip, bundle=data)
 
     @staticmethod
-    def fingerprint(wt: Worktree) -> str:
+    def fingerprint(wt: Worktree, memo: dict[str, tuple[tuple[int, ...], bytes, bool]] | None = None) -> str:
         """A cheap digest of every file's metadata in the worktree (path, size, mtime, inode; ``.git`` excluded).
 
         Equal fingerprints mean no file changed, so the last snapshot still holds (no git call at all); a changed
@@ -370,11 +370,14 @@ class Workspace:
 
         File times come from a coarse clock (a kernel tick), so a same-size rewrite in place within one tick keeps
         every stat field. As git does with "racily clean" entries, a file modified within ``RACY_SECONDS`` of now
-        has its content in the digest too (a big one a random nonce, which forces a look): such an edit changes the
-        fingerprint, and a file that stops being recent changes it once more, which only costs a look.
+        has its content in the digest too (a big one a random nonce, which forces a look). With ``memo`` (one per
+        run) a file whose content was hashed keeps it in the digest while its metadata is unchanged: hashed again
+        once after its tick is over (a rewrite within the tick shows then), then taken from the memo, so the
+        fingerprint of an unchanged worktree stays equal and costs no git look.
         """
         digest = hashlib.blake2b(digest_size=16)
         recent = time.time_ns() - int(RACY_SECONDS * 1e9)
+        seen: dict[str, tuple[tuple[int, ...], bytes, bool]] = {}
         for dirpath, dirs, files in os.walk(wt.path):
             if dirpath == str(wt.path):
                 dirs[:] = [d for d in dirs if d != ".git"]
@@ -384,8 +387,20 @@ class Workspace:
                 with contextlib.suppress(OSError):
                     st = os.lstat(full)
                     digest.update(f"{full}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0{st.st_mode}\n".encode())
-                    if st.st_mtime_ns >= recent and stat.S_ISREG(st.st_mode):
-                        digest.update(_racy_content(full, st.st_size))
+                    if not stat.S_ISREG(st.st_mode):
+                        continue
+                    key = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_mode)
+                    known = memo.get(full) if memo is not None else None
+                    if st.st_mtime_ns >= recent:  # racily clean: its content now, to be checked once more later
+                        seen[full] = (key, _racy_content(full, st.st_size), False)
+                    elif known is not None and known[0] == key:
+                        seen[full] = known if known[2] else (key, _racy_content(full, st.st_size), True)
+                    else:
+                        continue
+                    digest.update(seen[full][1])
+        if memo is not None:
+            memo.clear()
+            memo.update(seen)
         return digest.hexdigest()
 
     def _restore_locked(self, agent_id: str, mirror: Path, path: Path, base_branch: str, branch: str,

@@ -87,6 +87,35 @@ def test_a_same_size_rewrite_within_one_clock_tick_changes_the_fingerprint(tmp_p
     assert ws.fingerprint(wt) != first
 
 
+def test_with_a_memo_an_unchanged_worktree_keeps_its_fingerprint_past_the_racy_window(tmp_path: Path) -> None:
+    """A run's memo keeps hashed content in the digest, so an unchanged worktree costs no git look later, and a
+    rewrite within the tick of the first look still shows once that tick is over."""
+    import os
+    import time
+
+    from orchestrator.workspace import RACY_SECONDS
+
+    repo = str(make_sample_repo(tmp_path / "repo"))
+    ws = Workspace(tmp_path / "ws")
+    wt = ws.prepare("a1", repo, "main", "agent/a1")
+    target = wt.path / "notes.txt"
+    target.write_text("first\n")
+    memo: dict[str, tuple[tuple[int, ...], bytes, bool]] = {}
+    first = ws.fingerprint(wt, memo)
+    time.sleep(RACY_SECONDS * 1.5)  # the clock itself is what is under test
+    assert ws.fingerprint(wt, memo) == first  # nothing changed: still equal past the racy window
+
+    target.write_text("again\n")
+    memo.clear()
+    before = os.stat(target)
+    second = ws.fingerprint(wt, memo)
+    with open(target, "r+") as f:  # rewritten in place within the same tick: every stat field the same
+        f.write("AGAIN\n")
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    time.sleep(RACY_SECONDS * 1.5)
+    assert ws.fingerprint(wt, memo) != second
+
+
 def test_restoring_on_the_same_host_drops_what_came_after_the_snapshot(tmp_path: Path) -> None:
     repo = str(make_sample_repo(tmp_path / "repo"))
     ws = Workspace(tmp_path / "ws")
