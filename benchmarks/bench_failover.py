@@ -9,14 +9,13 @@ can act before the sentinels agree the primary is gone.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Any
 
 from celery import Celery
 
 from benchmarks.harness import Benchmark, Harness, Row, median
-from orchestrator.testing.cluster import Beat, SentinelGroup, Worker, fleet_env, wait_until
+from orchestrator.testing.cluster import Beat, SentinelGroup, Worker, close_coordinator, fleet_env, wait_until
 from orchestrator.testing.offline_model import Script, bash, text_turn
 
 NAME = "failover"
@@ -62,12 +61,7 @@ def _drill(h: Harness, run: int) -> tuple[float, float, float]:
             return promoted, next_request, done
     finally:
         if coordinator is not None:
-            consumer = getattr(coordinator.backend, "result_consumer", None)
-            if consumer is not None:
-                with contextlib.suppress(Exception):
-                    consumer.stop()
-                consumer.subscribed_to.clear()
-            coordinator.close()
+            close_coordinator(coordinator)
         for p in procs:
             p.stop()
         group.stop()

@@ -5,7 +5,6 @@ A missing valkey-server fails the run (it never skips): the fleet is only tested
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -20,7 +19,7 @@ import redis
 from celery import Celery
 
 from orchestrator.settings import STATE_DB, Settings
-from orchestrator.testing.cluster import Beat, Valkey, Worker, fleet_env, wait_until
+from orchestrator.testing.cluster import Beat, Valkey, Worker, close_coordinator, fleet_env, wait_until
 from orchestrator.testing.offline_model import OfflineModel
 from orchestrator.testing.sample_repo import make_sample_repo
 
@@ -138,14 +137,7 @@ class Cluster:
     def stop(self) -> None:
         for p in self.procs:
             p.stop()
-        # Close the result consumer's pub/sub while Valkey still runs: otherwise AsyncResult.__del__ at interpreter
-        # exit tries to unsubscribe through a dead connection and raises an unraisable error.
-        consumer = getattr(self.coordinator.backend, "result_consumer", None)
-        if consumer is not None:
-            with contextlib.suppress(Exception):
-                consumer.stop()
-            consumer.subscribed_to.clear()  # nothing left to unsubscribe from later
-        self.coordinator.close()
+        close_coordinator(self.coordinator)
 
 
 @pytest.fixture

@@ -35,6 +35,7 @@ from orchestrator.testing.cluster import (
     SentinelGroup,
     Valkey,
     Worker,
+    close_coordinator,
     fleet_env,
     wait_replicas_online,
     wait_until,
@@ -191,15 +192,6 @@ def test_wait_confirms_a_write_and_reports_a_replica_that_does_not_acknowledge(
 # --- the drill --------------------------------------------------------------------------------------------------
 
 
-def _close(coordinator: Celery) -> None:
-    consumer = getattr(coordinator.backend, "result_consumer", None)
-    if consumer is not None:
-        with contextlib.suppress(Exception):
-            consumer.stop()
-        consumer.subscribed_to.clear()
-    coordinator.close()
-
-
 @pytest.mark.parametrize("fault", ["kill", "shutdown"])
 def test_sentinel_failover_drill_loses_nothing_and_runs_nothing_twice(fault: str, group: SentinelGroup,
                                                                       offline: OfflineModel, tmp_path: Path) -> None:
@@ -292,6 +284,6 @@ def test_sentinel_failover_drill_loses_nothing_and_runs_nothing_twice(fault: str
               f"{done_at - killed_at:.1f} s after; the whole drill {time.time() - started:.1f} s")
     finally:
         stack.close()
-        _close(coordinator)
+        close_coordinator(coordinator)
         for p in procs:
             p.stop()

@@ -34,6 +34,20 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
 
 
+def close_coordinator(app: Any) -> None:
+    """Close a coordinator's Celery app, its result subscription first, while Valkey still runs.
+
+    Otherwise ``AsyncResult.__del__`` at interpreter exit tries to unsubscribe through a dead connection and raises
+    an unraisable error.
+    """
+    consumer = getattr(app.backend, "result_consumer", None)
+    if consumer is not None:
+        with contextlib.suppress(Exception):
+            consumer.stop()
+        consumer.subscribed_to.clear()  # nothing left to unsubscribe from later
+    app.close()
+
+
 def free_port() -> int:
     """A TCP port on loopback that is free right now."""
     with socket.socket() as s:
